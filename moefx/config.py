@@ -22,6 +22,18 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the argument and the fix."""
 
 
+class _DefaultThreshold(float):
+    """The default ``threshold`` (0.9), recognisable by its type: ``XMoEConfig(top_k=4)`` means
+    top-k routing without making the caller also write ``threshold=None``, while an explicit
+    ``threshold=0.9, top_k=4`` is still the contradiction it looks like."""
+
+    def __repr__(self) -> str:
+        return "0.9"
+
+
+_DEFAULT_THRESHOLD = _DefaultThreshold(0.9)
+
+
 def _where(path: Optional[str]) -> str:
     return f" (at module '{path}')" if path else ""
 
@@ -44,7 +56,7 @@ class XMoEConfig:
     """
 
     num_experts: int = 16
-    threshold: Optional[float] = 0.9
+    threshold: Optional[float] = _DEFAULT_THRESHOLD
     top_k: Optional[int] = None
     max_experts: Optional[int] = None
     capacity_factor: Optional[float] = None
@@ -56,6 +68,8 @@ class XMoEConfig:
 
     def __post_init__(self) -> None:
         _check_int("num_experts", self.num_experts, 1)
+        if self.top_k is not None and type(self.threshold) is _DefaultThreshold:
+            object.__setattr__(self, "threshold", None)
         if (self.threshold is None) == (self.top_k is None):
             raise ConfigError(
                 "XMoEConfig needs exactly one of threshold= and top_k= "

@@ -1,0 +1,139 @@
+"""Time the moefx MoE layers against the dense FFN they replace, in one process (issue 3 item 4).
+
+d=576, d_ff=1536 (SmolLM2-135M's FFN widths), float32, inference (eval, no_grad), T tokens in
+{1, 16, 2048}, ``torch.set_num_threads(2)``. Each case is timed as the median of repeated runs;
+with ``--rounds N`` the whole table is measured N times and the best-of median is reported, which
+is what a shared, noisy CPU allows. Prints a Markdown table (and writes it with ``--out``).
+
+    python bench/layers.py --rounds 3 --out bench/results-layers.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+# On a CPU shared with other jobs, OpenMP's default spin-waiting lets a descheduled team thread
+# stall every small parallel region by a whole time slice (measured: a 512x96 gelu took 12 ms
+# instead of 0.1 ms). Passive waiting measures the code, not the neighbours; set before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moefx.config import SliceMoEConfig, XMoEConfig  # noqa: E402
+from moefx.layers import SliceMoE, XMoE  # noqa: E402
+
+D, DFF = 576, 1536
+
+
+class DenseFFN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, DFF)
+        self.down = nn.Linear(DFF, D)
+
+    def forward(self, x):
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+def cases():
+    yield "dense FFN", DenseFFN()
+    yield "XMoE top-4/16 unit", XMoE(XMoEConfig(num_experts=16, top_k=4), D, DFF, converted=True)
+    yield "XMoE top-8/16 unit", XMoE(XMoEConfig(num_experts=16, top_k=8), D, DFF, converted=True)
+    yield "XMoE t=0.9/16 prob", XMoE(XMoEConfig(num_experts=16, threshold=0.9), D, DFF)
+    yield "SliceMoE S=8 E=16 k=2", SliceMoE(SliceMoEConfig(num_slices=8, num_experts=16, top_k=2), D, DFF)
+
+
+def median_ms(module, x, min_time: float) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            module(x)
+        times = []
+        start = time.perf_counter()
+        while len(times) < 5 or time.perf_counter() - start < min_time:
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 2000:
+                break
+    return statistics.median(times) * 1e3
+
+
+def measure(tokens, min_time):
+    torch.manual_seed(0)
+    results = {}
+    modules = [(name, m.eval()) for name, m in cases()]
+    for T in tokens:
+        x = torch.randn(T, D)
+        for name, m in modules:
+            results[(name, T)] = median_ms(m, x, min_time)
+    return [name for name, _ in modules], results
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 2048])
+    parser.add_argument("--rounds", type=int, default=3, help="measure the table this many times, keep the best")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case and round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="write the Markdown record here (atomically)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loads = [load_average()]
+    best = {}
+    all_rounds = []
+    names = []
+    for r in range(args.rounds):
+        names, res = measure(args.tokens, args.min_time)
+        all_rounds.append(res)
+        for key, ms in res.items():
+            best[key] = min(best.get(key, float("inf")), ms)
+        loads.append(load_average())
+        print(f"round {r + 1}/{args.rounds} done (load average {loads[-1]})", file=sys.stderr)
+    lines = [
+        "# moefx layers vs dense FFN (bench/layers.py)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+        f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; python {platform.python_version()}",
+        f"- shapes: d={D}, d_ff={DFF}, float32, eval + no_grad; median per case, best of {args.rounds} rounds",
+        f"- load average (1/5/15 min) before and after each round: {' | '.join(loads)}",
+        "",
+        "| layer | " + " | ".join(f"T={T} ms" for T in args.tokens) + " | " + " | ".join(f"T={T} vs dense" for T in args.tokens) + " |",
+        "|---|" + "---|" * (2 * len(args.tokens)),
+    ]
+    for name in names:
+        ms = [best[(name, T)] for T in args.tokens]
+        ratio = [best[(name, T)] / best[("dense FFN", T)] for T in args.tokens]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in ms) + " | " + " | ".join(f"{v:.2f}x" for v in ratio) + " |")
+    lines += ["", "Ratios are MoE time / dense time (below 1 is faster). Per-round medians (ms):", ""]
+    for r, res in enumerate(all_rounds):
+        lines.append(f"- round {r + 1}: " + "; ".join(f"{n} T={T}: {res[(n, T)]:.2f}" for n in names for T in args.tokens))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        directory = os.path.dirname(os.path.abspath(args.out))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".md")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

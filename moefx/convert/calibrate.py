@@ -1,0 +1,423 @@
+"""Layer-wise calibration of converted MoE layers against their dense FFNs.
+
+Why layer-wise: a 135M model on 2 CPU cores cannot afford end-to-end training, but each FFN
+is a small regression problem. One forward of the *dense* model (every converted XMoE layer
+temporarily computing all its experts, which is exactly its dense FFN before calibration; a
+SliceMoE layer running the dense teacher it keeps from conversion) records each layer's
+input. Then, one layer at a time, with only that layer's activations loaded:
+
+XMoE (``combine="unit"``):
+  1. router: ``fitted`` routers are trained to predict each expert's output-norm share
+     (router.py); with ``target_ratio`` the router is rescaled so the configured threshold
+     keeps that fraction of the FFN's expert groups (shared groups count as always kept).
+  2. experts: under the routing now fixed, the down projections of all groups (and the
+     output bias) are refit in closed form by ridge regression onto the dense output. A
+     dropped expert's contribution is partly re-expressed by the kept ones; this is the step
+     that turns a 1.4x-perplexity oracle split into a usable model. Optionally ``steps`` Adam
+     steps then refine every expert weight (selection held fixed: it is not differentiable).
+SliceMoE: ``steps`` Adam steps of the whole layer (router included: its probabilities gate
+  the expert inputs, so it does get gradients) on the MSE to the dense output.
+
+Memory: recorded inputs are spilled to a temporary directory once they exceed
+``spill_bytes``, and read back one layer at a time. Nothing else of the model is copied.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import activation_ratio, expert_output_norms, layer_mask, masked_forward, router_probs
+from .router import calibrate_scale, fit_router
+
+
+def is_xmoe(m: nn.Module) -> bool:
+    return hasattr(m, "router") and hasattr(m, "w2") and hasattr(m, "config") and hasattr(m.config, "threshold")
+
+
+def is_slicemoe(m: nn.Module) -> bool:
+    return hasattr(m, "router") and hasattr(m, "w2") and hasattr(m, "config") and hasattr(m.config, "num_slices")
+
+
+def moe_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if is_xmoe(m) or is_slicemoe(m)}
+
+
+def teacher_of(layer):
+    """The dense FFN a SliceMoE layer was initialised from (kept by the rewrite pass)."""
+    return getattr(layer, "moefx_teacher", None)
+
+
+def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    teacher = teacher_of(layer)
+    if teacher is not None:
+        y = teacher(x2.float()).to(x.dtype)
+    elif is_xmoe(layer):
+        y = masked_forward(layer, x2, None)
+    else:
+        raise RuntimeError("a SliceMoE layer without its dense teacher cannot be calibrated")
+    return y.reshape(shape)
+
+
+@contextmanager
+def dense_mode(layers: Dict[str, nn.Module]):
+    """Run every converted layer as its dense FFN inside the block."""
+    saved = {}
+    try:
+        for name, layer in layers.items():
+            saved[name] = layer.__dict__.get("forward")
+            layer.forward = (lambda lyr: (lambda x, *a, **k: dense_forward(lyr, x)))(layer)
+        yield
+    finally:
+        for name, layer in layers.items():
+            if saved.get(name) is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = saved[name]
+
+
+class ActivationStore:
+    """Per-layer recorded tensors, spilled to a temporary directory beyond ``spill_bytes``."""
+
+    def __init__(self, names: List[str], spill_bytes: int):
+        self.names = names
+        self.spill_bytes = spill_bytes
+        self.mem: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+        self.files: Dict[str, List[str]] = {n: [] for n in names}
+        self.bytes = 0
+        self.dir: Optional[str] = None
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().reshape(-1, t.shape[-1]).float().clone()
+        self.mem[name].append(t)
+        self.bytes += t.numel() * 4
+        if self.bytes > self.spill_bytes:
+            self.spill()
+
+    def spill(self) -> None:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="moefx-calib-")
+        for i, name in enumerate(self.names):
+            if self.mem[name]:
+                path = os.path.join(self.dir, f"{i}-{len(self.files[name])}.pt")
+                torch.save(torch.cat(self.mem[name]), path)
+                self.files[name].append(path)
+                self.mem[name] = []
+        self.bytes = 0
+
+    def take(self, name: str) -> torch.Tensor:
+        parts = [torch.load(p, weights_only=True) for p in self.files[name]] + self.mem[name]
+        for p in self.files[name]:
+            os.remove(p)
+        self.files[name], self.mem[name] = [], []
+        return torch.cat(parts)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Inputs:
+    """One batch of model inputs: positional ``args`` and keyword ``kwargs``."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.args is None:
+            self.args = ()
+        elif not isinstance(self.args, (tuple, list)):
+            self.args = (self.args,)
+        self.args = tuple(self.args)
+        self.kwargs = dict(self.kwargs or {})
+
+    @classmethod
+    def of(cls, batch) -> "Inputs":
+        """A tensor is the first positional input, a tuple the positional inputs, a dict the
+        keyword inputs."""
+        if isinstance(batch, Inputs):
+            return batch
+        if isinstance(batch, dict):
+            return cls((), batch)
+        if isinstance(batch, (tuple, list)):
+            return cls(tuple(batch), {})
+        return cls((batch,), {})
+
+
+def run_batch(model: nn.Module, batch):
+    b = Inputs.of(batch)
+    return model(*b.args, **b.kwargs)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    tokens: int
+    rel_err_before: float
+    cos_before: float
+    ratio_before: float
+    rel_err_after: float = float("nan")
+    cos_after: float = float("nan")
+    ratio_after: float = float("nan")
+    seconds: float = 0.0
+
+
+@dataclass
+class CalibrationReport:
+    layers: List[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def table(self) -> str:
+        head = (f"{'layer':<28} {'kind':<8} {'relerr before':>13} {'after':>7} {'cos before':>10} "
+                f"{'after':>7} {'act before':>10} {'after':>7}")
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            rows.append(
+                f"{r.name[-28:]:<28} {r.kind:<8} {r.rel_err_before:>13.4f} {r.rel_err_after:>7.4f} "
+                f"{r.cos_before:>10.4f} {r.cos_after:>7.4f} {r.ratio_before:>10.3f} {r.ratio_after:>7.3f}"
+            )
+        if self.layers:
+            m = lambda a: sum(getattr(r, a) for r in self.layers) / len(self.layers)
+            rows.append("-" * len(head))
+            rows.append(
+                f"{'mean':<28} {'':<8} {m('rel_err_before'):>13.4f} {m('rel_err_after'):>7.4f} "
+                f"{m('cos_before'):>10.4f} {m('cos_after'):>7.4f} {m('ratio_before'):>10.3f} {m('ratio_after'):>7.3f}"
+            )
+        rows.append(f"{len(self.layers)} layers, {self.tokens} tokens, {self.seconds:.1f} s")
+        return "\n".join(rows)
+
+    def mean(self, attr: str) -> float:
+        return sum(getattr(r, attr) for r in self.layers) / max(1, len(self.layers))
+
+
+def _errors(y: torch.Tensor, target: torch.Tensor):
+    rel = float((y - target).norm() / target.norm().clamp(min=1e-12))
+    cos = float(F.cosine_similarity(y.float(), target.float(), dim=-1).mean())
+    return rel, cos
+
+
+def layer_output(layer, x2d: torch.Tensor):
+    """The layer's own forward output and its activation ratio on ``x2d`` (chunked)."""
+    outs, ratios = [], []
+    for s in range(0, x2d.shape[0], 4096):
+        xb = x2d[s : s + 4096]
+        outs.append(layer(xb.unsqueeze(0)).reshape(xb.shape[0], -1).float())
+        if is_xmoe(layer):
+            ratios.append(activation_ratio(layer_mask(layer, xb), layer.config.num_shared) * xb.shape[0])
+        else:
+            ratios.append(min(1.0, layer.config.top_k * layer.config.hidden_for(layer.d_ff) / layer.d_ff) * xb.shape[0])
+    return torch.cat(outs), sum(ratios) / x2d.shape[0]
+
+
+def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ridge: float = 1e-3) -> None:
+    """Ridge-regress every group's down projection (and the output bias) onto ``target``
+    with the routed hidden activations masked by the fixed selection ``mask``."""
+    from .functional import expert_hidden, shared_hidden
+
+    E, h = layer.w1.shape[0], layer.w1.shape[1]
+    has_shared = getattr(layer, "shared_w2", None) is not None
+    has_bias = getattr(layer, "bias", None) is not None
+    gram, rhs = None, None
+    with torch.no_grad():
+        for s in range(0, x2d.shape[0], 4096):
+            xb = x2d[s : s + 4096].float()
+            feats = [(expert_hidden(layer, xb) * mask[s : s + 4096].float().unsqueeze(-1)).reshape(xb.shape[0], E * h)]
+            if has_shared:
+                feats.insert(0, shared_hidden(layer, xb))
+            if has_bias:
+                feats.append(torch.ones(xb.shape[0], 1))
+            fb = torch.cat(feats, 1).double()
+            g = fb.t() @ fb
+            r = fb.t() @ target[s : s + 4096].double()
+            gram = g if gram is None else gram + g
+            rhs = r if rhs is None else rhs + r
+        diag = gram.diagonal()
+        lam = ridge * float(diag.mean())
+        gram += lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+        sol = torch.linalg.solve(gram, rhs)  # [features, d]
+        off = 0
+        if has_shared:
+            hs = layer.shared_w2.shape[1]
+            layer.shared_w2.copy_(sol[off : off + hs].t().to(layer.shared_w2.dtype))
+            off += hs
+        w2 = sol[off : off + E * h].reshape(E, h, -1).transpose(1, 2)
+        layer.w2.copy_(w2.to(layer.w2.dtype))
+        off += E * h
+        if has_bias:
+            layer.bias.copy_(sol[off].to(layer.bias.dtype))
+
+
+def finetune(layer, x2d: torch.Tensor, target: torch.Tensor, steps: int, lr: float, batch: int = 1024, seed: int = 0) -> None:
+    """Adam on the layer's expert weights (XMoE: selection fixed by the current router; SliceMoE:
+    the whole layer), minimising the relative squared error to the dense output."""
+    if steps <= 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    xmoe = is_xmoe(layer)
+    params = [p for n, p in layer.named_parameters() if not (xmoe and n.startswith("router"))]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    denom = target.pow(2).mean()
+    layer.train()
+    try:
+        for _ in range(steps):
+            idx = torch.randint(0, x2d.shape[0], (min(batch, x2d.shape[0]),), generator=gen)
+            xb, yb = x2d[idx], target[idx]
+            if xmoe:
+                with torch.no_grad():
+                    mask = layer_mask(layer, xb)
+                y = masked_forward(layer, xb, mask)
+            else:
+                y = layer(xb.unsqueeze(0)).reshape(xb.shape[0], -1)
+            loss = (y.float() - yb).pow(2).mean() / denom
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        layer.eval()
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+            p.grad = None
+
+
+def calibrate_layer(
+    layer,
+    x2d: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    target_ratio: Optional[float] = None,
+    fit_router: Optional[bool] = None,
+    fit_experts: bool = True,
+    router_steps: int = 300,
+    steps: int = 0,
+    lr: Optional[float] = None,
+    ridge: float = 1e-3,
+    name: str = "",
+) -> LayerReport:
+    t0 = time.perf_counter()
+    x2d = x2d.float()
+    target = target.float()
+    with torch.no_grad():
+        y0, r0 = layer_output(layer, x2d)
+    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", x2d.shape[0], *_errors(y0, target), r0)
+    if is_xmoe(layer):
+        cfg = layer.config
+        if fit_router is None:
+            fit_router = cfg.router == "fitted"
+        if fit_router:
+            with torch.no_grad():
+                norms = torch.cat([expert_output_norms(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
+            _fit(layer, x2d, norms, router_steps)
+        if target_ratio is not None:
+            E, S = cfg.num_experts, cfg.num_shared
+            routed = (target_ratio * (E + S) - S) / E
+            calibrate_scale(layer, x2d, routed)
+        if fit_experts:
+            with torch.no_grad():
+                mask = torch.cat([layer_mask(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
+            refit_down(layer, x2d, target, mask, ridge=ridge)
+            finetune(layer, x2d, target, steps, lr or 1e-4)
+    elif fit_experts:
+        finetune(layer, x2d, target, steps or 200, lr or 1e-3)
+    with torch.no_grad():
+        y1, r1 = layer_output(layer, x2d)
+    rep.rel_err_after, rep.cos_after = _errors(y1, target)
+    rep.ratio_after = r1
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _fit(layer, x2d, norms, steps):
+    fit_router(layer, x2d, norms, steps=steps)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    target_ratio: Optional[float] = None,
+    fit_router: Optional[bool] = None,
+    fit_experts: bool = True,
+    router_steps: int = 300,
+    steps: int = 0,
+    lr: Optional[float] = None,
+    ridge: float = 1e-3,
+    spill_bytes: int = 512 << 20,
+    progress: bool = True,
+    verbose: bool = True,
+) -> CalibrationReport:
+    """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
+
+    ``batches``: inputs as the model takes them (a tensor, a tuple of positional arguments, or
+    a dict of keyword arguments), e.g. ``moefx.data.token_batches(tokenizer)``.
+    ``target_ratio``: wanted mean activation ratio of XMoE layers (fraction of expert groups a
+    token computes, shared included); None keeps the router's scale. ``fit_router`` (default:
+    the config's ``router == "fitted"``) trains XMoE routers; ``fit_experts=False`` leaves the
+    expert weights alone. ``steps``: Adam steps per layer after the closed-form refit (XMoE,
+    default 0) or in all (SliceMoE, default 200). Prints a progress bar and, with
+    ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(
+            "calibrate found no converted MoE layer in the model: run moefx.convert(...) first"
+        )
+    names = list(layers)
+    store = ActivationStore(names, spill_bytes)
+    hooks = [layers[n].register_forward_pre_hook((lambda nm: (lambda mod, args: store.add(nm, args[0])))(n))
+             for n in names]
+    was_training = model.training
+    model.eval()
+    report = CalibrationReport()
+    try:
+        with torch.no_grad(), dense_mode(layers):
+            for batch in tqdm(list(batches), desc="recording dense activations", disable=not progress):
+                run_batch(model, batch)
+        for h in hooks:
+            h.remove()
+        hooks = []
+        for name in tqdm(names, desc="calibrating layers", disable=not progress):
+            layer = layers[name]
+            x = store.take(name)
+            if x.shape[0] == 0:
+                raise ValueError(f"no calibration tokens reached layer '{name}'")
+            with torch.no_grad():
+                target = torch.cat([dense_forward(layer, x[s : s + 4096]).float() for s in range(0, x.shape[0], 4096)])
+            rep = calibrate_layer(
+                layer, x, target, target_ratio=target_ratio, fit_router=fit_router, fit_experts=fit_experts,
+                router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, name=name,
+            )
+            report.layers.append(rep)
+            report.tokens = rep.tokens
+            if teacher_of(layer) is not None:
+                layer.moefx_teacher = None
+            del x, target
+    finally:
+        for h in hooks:
+            h.remove()
+        store.close()
+        model.train(was_training)
+    report.seconds = time.perf_counter() - t0
+    if verbose:
+        print(report.table())
+    return report

@@ -1,0 +1,108 @@
+"""XMoE arithmetic on a layer's parameters, with an explicit expert mask.
+
+Calibration needs what the layer's forward does not offer: the output with *every* expert
+kept (the dense target of a freshly converted layer), each expert's own output (what a fitted
+router learns to predict), and a forward differentiable in the expert weights under a fixed
+selection. These functions read the parameters by the names of docs/ARCHITECTURE.md, so they
+work on any XMoE layer built to that contract, and they follow SPEC.md §1 exactly (the
+selection rule is re-implemented vectorised; tests compare it with the layer's routing).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dense import activation_fn
+
+
+def select_mask(
+    probs: torch.Tensor, threshold: Optional[float], top_k: Optional[int] = None, max_experts: Optional[int] = None
+) -> torch.Tensor:
+    """SPEC §1 selection as a boolean mask ``[T, E]``: the smallest descending prefix of
+    experts whose probability mass reaches ``threshold`` (rank 0 always), or the top ``top_k``."""
+    T, E = probs.shape
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if top_k:
+        keep = torch.zeros_like(sorted_p, dtype=torch.bool)
+        keep[:, :top_k] = True
+    else:
+        before = sorted_p.cumsum(-1) - sorted_p
+        keep = before < threshold
+        keep[:, 0] = True
+        if max_experts:
+            keep[:, max_experts:] = False
+    mask = torch.zeros_like(keep)
+    mask.scatter_(1, order, keep)
+    return mask
+
+
+def router_probs(layer, x2d: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(F.linear(x2d.float(), layer.router.weight.float()), dim=-1)
+
+
+def layer_mask(layer, x2d: torch.Tensor) -> torch.Tensor:
+    cfg = layer.config
+    return select_mask(router_probs(layer, x2d), cfg.threshold, cfg.top_k, cfg.max_experts)
+
+
+def _p(layer, name):
+    return getattr(layer, name, None)
+
+
+def expert_hidden(layer, x2d: torch.Tensor) -> torch.Tensor:
+    """Every routed expert's hidden activations: ``[T, E, h]``."""
+    act = activation_fn(layer.activation)
+    w1, b1, w3, b3 = _p(layer, "w1"), _p(layer, "b1"), _p(layer, "w3"), _p(layer, "b3")
+    h = torch.einsum("td,ehd->teh", x2d, w1)
+    if b1 is not None:
+        h = h + b1
+    h = act(h)
+    if w3 is not None:
+        u = torch.einsum("td,ehd->teh", x2d, w3)
+        if b3 is not None:
+            u = u + b3
+        h = h * u
+    return h
+
+
+def shared_hidden(layer, x2d: torch.Tensor) -> Optional[torch.Tensor]:
+    w1 = _p(layer, "shared_w1")
+    if w1 is None:
+        return None
+    act = activation_fn(layer.activation)
+    h = act(F.linear(x2d, w1, _p(layer, "shared_b1")))
+    w3 = _p(layer, "shared_w3")
+    if w3 is not None:
+        h = h * F.linear(x2d, w3, _p(layer, "shared_b3"))
+    return h
+
+
+def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``combine="unit"`` output with the routed experts chosen by ``mask`` (None: all)."""
+    h = expert_hidden(layer, x2d)
+    if mask is not None:
+        h = h * mask.to(h.dtype).unsqueeze(-1)
+    y = torch.einsum("teh,edh->td", h, layer.w2)
+    hs = shared_hidden(layer, x2d)
+    if hs is not None:
+        y = y + F.linear(hs, layer.shared_w2)
+    if _p(layer, "bias") is not None:
+        y = y + layer.bias
+    return y
+
+
+def expert_output_norms(layer, x2d: torch.Tensor) -> torch.Tensor:
+    """``||E_e(x)||`` for every token and routed expert: ``[T, E]`` (what an oracle ranks by)."""
+    h = expert_hidden(layer, x2d)
+    out = torch.empty(h.shape[0], h.shape[1], dtype=h.dtype)
+    for e in range(h.shape[1]):
+        out[:, e] = (h[:, e] @ layer.w2[e].t()).norm(dim=-1)
+    return out
+
+
+def activation_ratio(mask: torch.Tensor, num_shared: int) -> float:
+    """Fraction of the FFN's expert groups a token computes, shared groups included."""
+    E = mask.shape[1]
+    return float((mask.float().sum(1).mean() + num_shared) / (E + num_shared))

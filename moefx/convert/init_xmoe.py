@@ -1,0 +1,158 @@
+"""Building an XMoE layer from a dense FFN and a neuron partition (SPEC.md §1, converted).
+
+Routed expert ``e`` takes the rows of W1/b1 (and W3/b3 for a GLU) and the columns of W2 that
+belong to partition row ``num_shared + e``; the shared rows become the always-on
+``shared_*`` weights; padding slots stay zero (a zero neuron contributes exactly zero, for
+every activation of SPEC.md since act(0) * 0 = 0 for GLUs and W2's zero column kills the rest).
+The dense output bias b2 becomes the layer's ``bias``, added once. With ``combine="unit"`` and
+every expert kept, the layer therefore computes the dense FFN up to summation order.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..config import XMoEConfig
+from .dense import DenseFFN
+
+
+def gather_rows(w: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
+    """``w[idx]`` with ``-1`` giving a zero row; ``idx`` any shape, result ``idx.shape + w.shape[1:]``."""
+    if w is None:
+        return None
+    safe = idx.clamp(min=0)
+    out = w[safe.flatten()].reshape(*idx.shape, *w.shape[1:]).clone()
+    out[idx < 0] = 0
+    return out
+
+
+def xmoe_tensors(dense: DenseFFN, groups: torch.Tensor, num_shared: int) -> Dict[str, Optional[torch.Tensor]]:
+    """The XMoE parameters (docs/ARCHITECTURE.md names) that reproduce ``dense``."""
+    routed, shared = groups[num_shared:], groups[:num_shared]
+    t = {
+        "w1": gather_rows(dense.w1, routed),
+        "b1": gather_rows(dense.b1, routed),
+        "w3": gather_rows(dense.w3, routed),
+        "b3": gather_rows(dense.b3, routed),
+        "w2": gather_rows(dense.w2.t(), routed).transpose(1, 2).contiguous(),
+        "bias": None if dense.b2 is None else dense.b2.clone(),
+    }
+    if num_shared:
+        flat = shared.flatten()
+        t.update(
+            shared_w1=gather_rows(dense.w1, flat),
+            shared_b1=gather_rows(dense.b1, flat),
+            shared_w3=gather_rows(dense.w3, flat),
+            shared_b3=gather_rows(dense.b3, flat),
+            shared_w2=gather_rows(dense.w2.t(), flat).t().contiguous(),
+        )
+    return t
+
+
+def centroid_router_weight(dense: DenseFFN, groups: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """MoEfication's training-free router: each routed expert's mean normalised W1 (gate) row.
+
+    A token whose input aligns with an expert's neurons' input directions drives them hardest,
+    so the dot product with their mean direction ranks experts without any data.
+    """
+    rows = torch.nn.functional.normalize(dense.w1.float(), dim=1)
+    routed = groups[num_shared:]
+    w = gather_rows(rows, routed)  # [E, h, d], zero rows for padding
+    counts = (routed >= 0).sum(1).clamp(min=1).unsqueeze(-1)
+    return w.sum(1) / counts
+
+
+def layer_class():
+    try:
+        from moefx.layers import XMoE  # noqa: F401
+
+        return XMoE
+    except (ImportError, AttributeError):
+        return StandInXMoE
+
+
+def build_xmoe(
+    dense: DenseFFN,
+    config: XMoEConfig,
+    groups: torch.Tensor,
+    path: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """A converted XMoE layer holding ``dense``'s weights as partitioned by ``groups``."""
+    config.validate_for(dense.d_model, dense.d_ff, path)
+    has_bias = dense.b1 is not None or dense.b2 is not None or dense.b3 is not None
+    cls = layer_class()
+    layer = cls(config, dense.d_model, dense.d_ff, activation=dense.activation, glu=dense.glu,
+                bias=has_bias, converted=True)
+    tensors = xmoe_tensors(dense, groups, config.num_shared)
+    tensors["router.weight"] = centroid_router_weight(dense, groups, config.num_shared)
+    params = dict(layer.named_parameters())
+    params.update(dict(layer.named_buffers()))
+    with torch.no_grad():
+        for name, p in params.items():
+            src = tensors.get(name)
+            if src is None:
+                if name in ("b1", "b3", "bias", "shared_b1", "shared_b3"):
+                    p.zero_()
+                    continue
+                raise RuntimeError(f"XMoE layer parameter {name!r} has no source in the dense FFN{_at(path)}")
+            if tuple(src.shape) != tuple(p.shape):
+                raise RuntimeError(
+                    f"XMoE layer parameter {name!r} has shape {tuple(p.shape)}, conversion produced "
+                    f"{tuple(src.shape)}{_at(path)}: the layer does not follow docs/ARCHITECTURE.md"
+                )
+            p.copy_(src)
+    layer.register_buffer("moefx_partition", groups.clone(), persistent=False)
+    if dtype is not None:
+        layer.to(dtype)
+    return layer
+
+
+def _at(path):
+    return f" at '{path}'" if path else ""
+
+
+class StandInXMoE(nn.Module):
+    """Private stand-in with the contract's parameter layout, used only while ``moefx.layers``
+    is absent (the layers room builds the real one); plain PyTorch, combine="unit" or "prob"."""
+
+    def __init__(self, config, d_model, d_ff, activation="gelu", glu=False, bias=True, converted=False):
+        super().__init__()
+        import math
+
+        self.config, self.d_model, self.d_ff, self.activation, self.glu = config, d_model, d_ff, activation, glu
+        self.converted = converted
+        self.combine = config.resolved_combine(converted)
+        E, S = config.num_experts, config.num_shared
+        h = self.expert_hidden = math.ceil(d_ff / (E + S))
+        self.router = nn.Linear(d_model, E, bias=False)
+        z = lambda *s: nn.Parameter(torch.zeros(*s))
+        self.w1, self.w2 = z(E, h, d_model), z(E, d_model, h)
+        self.b1 = z(E, h) if bias else None
+        self.w3 = z(E, h, d_model) if glu else None
+        self.b3 = z(E, h) if glu and bias else None
+        self.bias = z(d_model) if bias else None
+        if S:
+            Hs = S * h
+            self.shared_w1, self.shared_w2 = z(Hs, d_model), z(d_model, Hs)
+            self.shared_b1 = z(Hs) if bias else None
+            self.shared_w3 = z(Hs, d_model) if glu else None
+            self.shared_b3 = z(Hs) if glu and bias else None
+
+    def forward(self, x):
+        from .functional import expert_hidden, layer_mask, router_probs, shared_hidden
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        mask = layer_mask(self, x2).to(x.dtype)
+        w = mask if self.combine == "unit" else mask * router_probs(self, x2).to(x.dtype)
+        h = expert_hidden(self, x2) * w.unsqueeze(-1)
+        y = torch.einsum("teh,edh->td", h, self.w2)
+        hs = shared_hidden(self, x2)
+        if hs is not None:
+            y = y + torch.nn.functional.linear(hs, self.shared_w2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(shape)

@@ -1,0 +1,101 @@
+"""Routers for converted XMoE layers: centroid (no data) and fitted (trained on activations).
+
+``router="centroid"`` is built at conversion (see ``init_xmoe.centroid_router_weight``).
+
+``router="fitted"`` learns, from calibration inputs, which experts matter for a token. The
+target is each expert's share of the output norm, ``q_e = ||E_e(x)|| / sum_f ||E_f(x)||``: the
+oracle that the ANCHORS.md measurements rank by. The router (the layer's own
+``Linear(d, E, bias=False)``, so the layer contract is unchanged) is trained by cross-entropy
+between ``softmax(logits)`` and ``q``, whose optimum puts logits at ``log q + c``: softmax mass
+then concentrates on the experts with the largest outputs, which is what the threshold rule
+reads. Finally :func:`calibrate_scale` multiplies the router weight by a scalar (a softmax
+temperature) so that the configured threshold keeps the wanted fraction of experts on the
+calibration tokens; ranking is unchanged, only how much mass the leaders hold.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .functional import select_mask
+
+
+def fit_router(
+    layer,
+    x2d: torch.Tensor,
+    norms: torch.Tensor,
+    steps: int = 300,
+    lr: float = 1e-2,
+    batch: int = 2048,
+    seed: int = 0,
+) -> float:
+    """Train ``layer.router`` on inputs ``x2d [T, d]`` and expert output norms ``[T, E]``.
+
+    Returns the final mean cross-entropy. Initialises from the current weight (centroid), so a
+    few hundred Adam steps suffice.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = x2d.float()
+    q = norms.float() / norms.float().sum(-1, keepdim=True).clamp(min=1e-12)
+    weight = layer.router.weight
+    w = weight.detach().float().clone().requires_grad_(True)
+    # The centroid init has a tiny scale; start from a temperature that makes it informative.
+    with torch.no_grad():
+        scale = 1.0 / (F.linear(x[: min(4096, x.shape[0])], w).std().clamp(min=1e-6))
+        w.mul_(scale)
+    opt = torch.optim.Adam([w], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    loss_val = float("nan")
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=gen)
+        logp = torch.log_softmax(F.linear(x[idx], w), dim=-1)
+        loss = -(q[idx] * logp).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_val = float(loss)
+    with torch.no_grad():
+        weight.copy_(w.to(weight.dtype))
+    return loss_val
+
+
+def routed_fraction(logits: torch.Tensor, threshold: float, max_experts: Optional[int] = None) -> float:
+    mask = select_mask(torch.softmax(logits, -1), threshold, None, max_experts)
+    return float(mask.float().mean())
+
+
+def calibrate_scale(
+    layer, x2d: torch.Tensor, target_routed: float, iters: int = 40
+) -> float:
+    """Scale the router weight so the threshold rule keeps ``target_routed`` of the routed
+    experts on average over ``x2d``. Returns the scale applied.
+
+    A larger scale sharpens the softmax, so fewer experts are needed to reach the threshold:
+    the kept fraction decreases monotonically (up to ties) and a bisection on log-scale finds
+    it. With a top-k config, or threshold 0 or 1, the count is fixed and nothing changes.
+    """
+    cfg = layer.config
+    if cfg.top_k is not None or cfg.threshold in (0, 0.0, 1, 1.0):
+        return 1.0
+    E = cfg.num_experts
+    target = min(max(target_routed, 1.0 / E), 1.0)
+    x = x2d.float()
+    if x.shape[0] > 8192:
+        x = x[torch.linspace(0, x.shape[0] - 1, 8192).long()]
+    base = F.linear(x, layer.router.weight.float())
+    lo, hi = -12.0, 12.0  # log-scale bounds: fraction(lo) ~ all, fraction(hi) ~ top-1
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        frac = routed_fraction(base * math.exp(mid), cfg.threshold, cfg.max_experts)
+        if frac > target:
+            lo = mid
+        else:
+            hi = mid
+    scale = math.exp((lo + hi) / 2)
+    with torch.no_grad():
+        layer.router.weight.mul_(scale)
+    return scale

@@ -1,0 +1,131 @@
+"""SliceMoE: every token cut into S contiguous slices, each slice routed to its top-k of E
+small experts by one shared router (SPEC.md §2).
+
+Slices travel as rows: ``[T, d]`` becomes ``[T·S, d/S]`` (row ``t·S + s`` is slice ``s`` of
+token ``t``), so routing and the expert compute are the same ops as XMoE's with ``N = T·S``,
+and the output is the slice outputs put back in their original order by a reshape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
+from moefx.config import ConfigError, SliceMoEConfig
+from moefx.kernels.reference import router_dtype
+from moefx.layers.activations import check_activation
+
+
+def _uniform(shape, bound: float) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class SliceMoE(nn.Module):
+    """Slice-routed mixture of experts.
+
+    Parameters follow docs/ARCHITECTURE.md: ``router = Sequential(Linear(d/S, H_r), ReLU,
+    Linear(H_r, E))``, ``w1/b1 [E, h_e, d/S]/[E, h_e]``, ``w3/b3`` (GLU only), ``w2/b2
+    [E, d/S, h_e]/[E, d/S]``; ``h_e = expert_hidden or d_ff // top_k``.
+
+    Training-mode forwards apply cross-slice dropout (rate ``slice_dropout``) and leave the
+    slice-level capacity loss ``α · CV²(soft load)`` in ``aux_loss`` (None in eval mode).
+    Decisions where SPEC.md is silent: the top-k weights are renormalised in the router dtype
+    before being cast to the model dtype; the router's softmax sees no temperature.
+    """
+
+    def __init__(
+        self,
+        config: SliceMoEConfig,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        glu: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, SliceMoEConfig):
+            raise ConfigError(f"SliceMoE needs a SliceMoEConfig, got {type(config).__name__}")
+        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"SliceMoE: {name} must be a positive integer, got {value!r}")
+        config.validate_for(d_model, d_ff)
+        self.config = config
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.activation = check_activation(activation)
+        self.glu = bool(glu)
+        S, E = config.num_slices, config.num_experts
+        ds = d_model // S
+        h = config.hidden_for(d_ff)
+        self.slice_dim = ds
+        self.expert_hidden = h
+        self.router = nn.Sequential(nn.Linear(ds, config.router_hidden), nn.ReLU(), nn.Linear(config.router_hidden, E))
+        b_in, b_out = 1 / math.sqrt(ds), 1 / math.sqrt(h)
+        self.w1 = _uniform((E, h, ds), b_in)
+        self.b1 = _uniform((E, h), b_in)
+        self.w3 = _uniform((E, h, ds), b_in) if glu else None
+        self.b3 = _uniform((E, h), b_in) if glu else None
+        self.w2 = _uniform((E, ds, h), b_out)
+        self.b2 = _uniform((E, ds), b_out)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self._stats_sink = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"d_model={self.d_model}, slices={c.num_slices}x{self.slice_dim}, experts={c.num_experts}x{self.expert_hidden}, "
+            f"top_k={c.top_k}, gate={c.gate}, activation={self.activation}, glu={self.glu}"
+        )
+
+    def router_probs(self, slices: torch.Tensor) -> torch.Tensor:
+        rd = router_dtype(slices.dtype)
+        lin1, lin2 = self.router[0], self.router[2]
+        hidden = F.relu(F.linear(slices.to(rd), lin1.weight.to(rd), lin1.bias.to(rd)))
+        return torch.softmax(F.linear(hidden, lin2.weight.to(rd), lin2.bias.to(rd)), dim=-1)
+
+    def route(self, x2d: torch.Tensor):
+        """Routing of ``x2d [T, d]``: ``(idx i64[T·S, k], weight [T·S, k], probs [T·S, E])``, one
+        row per slice (row ``t·S + s``), weights renormalised over the kept slots, after
+        cross-slice dropout in training mode."""
+        cfg = self.config
+        slices = x2d.reshape(-1, self.slice_dim)
+        probs = self.router_probs(slices)
+        idx, weight = torch.ops.moefx.xmoe_select(probs, 0.0, cfg.top_k, 0)
+        if self.training and cfg.slice_dropout > 0:
+            keep = torch.rand(weight.shape, device=weight.device) >= cfg.slice_dropout
+            keep[:, 0] |= ~keep.any(dim=-1)
+            idx = torch.where(keep, idx, torch.full_like(idx, -1))
+            weight = weight * keep.to(weight.dtype)
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+        if self._stats_sink is not None:
+            self._stats_sink.record_slicemoe(self, probs, idx)
+        return idx, weight, probs
+
+    def experts(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        slices = x2d.reshape(-1, self.slice_dim)
+        y = torch.ops.moefx.moe_ffn(
+            slices, idx, weight, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2,
+            self.activation, self.config.gate == "input",
+        )
+        return y.reshape(x2d.shape)
+
+    def capacity_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """``α · (std(load) / mean(load))²`` with the soft load ``Σ_slices p_e`` (population std)."""
+        if probs.shape[0] == 0:
+            return probs.new_zeros(())
+        load = probs.sum(dim=0)
+        return self.config.capacity_loss_coef * load.var(correction=0) / load.mean().square()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"SliceMoE expects inputs [..., {self.d_model}] (d_model), got shape {tuple(x.shape)}"
+            )
+        x2d = x.reshape(-1, self.d_model)
+        idx, weight, probs = self.route(x2d)
+        y = self.experts(x2d, idx, weight)
+        self.aux_loss = self.capacity_loss(probs) if self.training else None
+        return y.reshape(x.shape)

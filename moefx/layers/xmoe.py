@@ -1,0 +1,158 @@
+"""XMoE: a dense FFN's hidden neurons split into many small experts, each token keeping the
+fewest experts whose router probability mass reaches a threshold (SPEC.md §1).
+
+The layer is two separable halves so that the lowering pass and the ONNX exporter can reuse
+them: :meth:`XMoE.route` (router in float32, softmax, ``moefx::xmoe_select``, optional
+``moefx::capacity_drop``) and the expert compute (``moefx::moe_ffn`` plus the always-on shared
+experts and the layer's own output bias, which is added once, never per expert).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
+from moefx.config import ConfigError, XMoEConfig
+from moefx.kernels.reference import router_dtype, xmoe_capacity
+from moefx.layers.activations import activation_fn, check_activation
+
+
+def _uniform(shape, bound: float) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class XMoE(nn.Module):
+    """Threshold- or top-k-routed mixture of small FFN experts.
+
+    Parameters follow docs/ARCHITECTURE.md: ``router.weight [E, d]``, ``w1/b1 [E, h, d]/[E, h]``,
+    ``w3/b3`` (GLU only), ``w2 [E, d, h]``, ``bias [d]`` and ``shared_*`` when ``num_shared > 0``,
+    with ``h = ceil(d_ff / (num_experts + num_shared))``. A fresh layer is initialised like the
+    ``nn.Linear`` layers it replaces (uniform, ±1/sqrt(fan_in) per expert); conversion overwrites
+    every parameter. ``converted=True`` only changes the default combine to ``"unit"``.
+
+    After a training-mode forward, ``aux_loss`` holds the Switch-style balance loss on the top-1
+    choice, ``coef · E · Σ_e mean_T(p_e) · frac_top1_e`` (SPEC §1); it is None in eval mode.
+    """
+
+    def __init__(
+        self,
+        config: XMoEConfig,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        glu: bool = False,
+        bias: bool = True,
+        converted: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, XMoEConfig):
+            raise ConfigError(f"XMoE needs an XMoEConfig, got {type(config).__name__}")
+        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"XMoE: {name} must be a positive integer, got {value!r}")
+        config.validate_for(d_model, d_ff)
+        self.config = config
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.activation = check_activation(activation)
+        self.glu = bool(glu)
+        self.converted = bool(converted)
+        self.combine = config.resolved_combine(converted)
+        E = config.num_experts
+        h = math.ceil(d_ff / (E + config.num_shared))
+        self.expert_hidden = h
+        self.router = nn.Linear(d_model, E, bias=False)
+        b_in, b_out = 1 / math.sqrt(d_model), 1 / math.sqrt(h)
+        self.w1 = _uniform((E, h, d_model), b_in)
+        self.b1 = _uniform((E, h), b_in) if bias else None
+        self.w3 = _uniform((E, h, d_model), b_in) if glu else None
+        self.b3 = _uniform((E, h), b_in) if glu and bias else None
+        self.w2 = _uniform((E, d_model, h), b_out)
+        self.bias = _uniform((d_model,), 1 / math.sqrt(d_ff)) if bias else None
+        Hs = config.num_shared * h
+        if Hs:
+            self.shared_w1 = _uniform((Hs, d_model), b_in)
+            self.shared_b1 = _uniform((Hs,), b_in) if bias else None
+            self.shared_w3 = _uniform((Hs, d_model), b_in) if glu else None
+            self.shared_b3 = _uniform((Hs,), b_in) if glu and bias else None
+            self.shared_w2 = _uniform((d_model, Hs), 1 / math.sqrt(Hs))
+        self.aux_loss: Optional[torch.Tensor] = None
+        self._stats_sink = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        rule = f"top_k={c.top_k}" if c.top_k is not None else f"threshold={c.threshold}"
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, experts={c.num_experts}x{self.expert_hidden}, "
+            f"{rule}, combine={self.combine}, shared={c.num_shared}, activation={self.activation}, glu={self.glu}"
+        )
+
+    def capacity(self, num_tokens) -> Optional[int]:
+        """Slots per expert for a batch of ``num_tokens`` (None: dropless)."""
+        return xmoe_capacity(num_tokens, self.config.num_experts, self.config.capacity_factor)
+
+    def route(self, x2d: torch.Tensor):
+        """Routing of ``x2d [T, d]``: ``(idx i64[T, K], weight [T, K], probs [T, E])``, after
+        capacity. ``weight`` holds raw probabilities (the combine mode is applied by
+        :meth:`combine_weight`)."""
+        cfg = self.config
+        rd = router_dtype(x2d.dtype)
+        probs = torch.softmax(F.linear(x2d.to(rd), self.router.weight.to(rd)), dim=-1)
+        threshold = float(cfg.threshold) if cfg.threshold is not None else 0.0
+        idx, weight = torch.ops.moefx.xmoe_select(probs, threshold, cfg.top_k or 0, cfg.max_experts or 0)
+        pre_capacity = idx
+        cap = self.capacity(x2d.shape[0])
+        if cap is not None:
+            idx, weight = torch.ops.moefx.capacity_drop(idx, weight, cfg.num_experts, cap)
+        if self._stats_sink is not None:
+            self._stats_sink.record_xmoe(self, probs, pre_capacity, idx)
+        return idx, weight, probs
+
+    def combine_weight(self, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The per-slot weights handed to ``moe_ffn``: the probability (``"prob"``) or 1 for
+        every kept slot (``"unit"``)."""
+        if self.combine == "unit":
+            return (idx >= 0).to(weight.dtype)
+        return weight
+
+    def shared_ffn(self, x2d: torch.Tensor) -> torch.Tensor:
+        hidden = activation_fn(self.activation)(F.linear(x2d, self.shared_w1, self.shared_b1))
+        if self.shared_w3 is not None:
+            hidden = hidden * F.linear(x2d, self.shared_w3, self.shared_b3)
+        return F.linear(hidden, self.shared_w2)
+
+    def experts(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Expert compute for given routing: routed experts + shared experts + layer bias."""
+        y = torch.ops.moefx.moe_ffn(
+            x2d, idx, self.combine_weight(idx, weight), self.w1, self.b1, self.w3, self.b3,
+            self.w2, None, self.activation, False,
+        )
+        if self.config.num_shared:
+            y = y + self.shared_ffn(x2d)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def balance_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """Switch-style loss on the top-1 choice: ``coef · E · Σ_e mean_T(p_e) · frac_top1_e``."""
+        E = self.config.num_experts
+        T = probs.shape[0]
+        if T == 0:
+            return probs.new_zeros(())
+        top1 = F.one_hot(probs.argmax(dim=-1), E).to(probs.dtype)
+        return self.config.aux_loss_coef * E * (probs.mean(0) * top1.mean(0)).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"XMoE expects inputs [..., {self.d_model}] (d_model), got shape {tuple(x.shape)}"
+            )
+        x2d = x.reshape(-1, self.d_model)
+        idx, weight, probs = self.route(x2d)
+        y = self.experts(x2d, idx, weight)
+        self.aux_loss = self.balance_loss(probs) if self.training else None
+        return y.reshape(x.shape)
