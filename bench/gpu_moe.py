@@ -17,9 +17,12 @@ once beforehand and shared; each variant includes its own grouping of rows by ex
 - ``fused``: Triton counting sort + gather+GEMM1+act kernel + GEMM2+weight+scatter kernel.
 - ``fused_mlp`` (experts narrow enough, i.e. SliceMoE): counting sort + the whole-MLP kernel.
 
+Separately, the router alone: ``moefx::route`` (one kernel) against the PyTorch chain, with a
+check that both choose the same experts.
+
 Timing: CUDA events around each call, warm-up first, median over ``--iters`` calls, inputs
 rotated over several buffers so that no call finds its input in L2. Every variant's output is
-checked against ``grouped_mm`` (``max_rel_err``). Results go to JSON and a Markdown table; the
+checked against a float32 per-expert loop (``max_rel_err``). Results go to JSON and a Markdown table; the
 ``goals`` block says whether the fastest fused variant beat ``grouped_mm`` at every size and
 came within 1.5x of ``ideal`` from 4096 tokens on.
 """
@@ -48,14 +51,14 @@ import moefx.kernels  # noqa: E402,F401
 from moefx.kernels import fused as _fused  # noqa: E402,F401
 from moefx.kernels import primitives as _prims  # noqa: E402,F401
 from moefx.kernels import triton_moe as tm  # noqa: E402
-from moefx.kernels.reference import xmoe_select_reference  # noqa: E402
 from moefx.layers.activations import activation_fn  # noqa: E402
 
 OPS = torch.ops.moefx
 
 FULL_CONFIGS = [
-    # name, kind, d_in (expert width), d_model, d_ff, experts, expert hidden, rows per token,
-    # routing: ("topk", k, renormalize) or ("threshold", t)
+    # SliceMoE: experts see d_model / num_slices wide rows, hidden d_ff // top_k, input gating.
+    # XMoE: d_ff split into num_experts groups; threshold routing is given a router peaked
+    # enough to keep about target_active experts per token (a random router keeps almost all).
     dict(name="slicemoe_d768_S8_E16_k2", kind="slicemoe", d_model=768, num_slices=8, d_ff=3072,
          num_experts=16, top_k=2, activation="gelu"),
     dict(name="xmoe_d2048_ff8192_E64_t0.9", kind="xmoe", d_model=2048, d_ff=8192, num_experts=64,
@@ -194,6 +197,30 @@ def grouped_mm(p: Problem, inp):
     return torch.zeros((N, p.d), dtype=x.dtype, device=x.device).index_add_(0, tok, out)
 
 
+def reference_fp32(p: Problem, inp):
+    """The expert compute in float32 with a plain per-expert loop over the routed rows only:
+    the yardstick for every variant's ``max_rel_err`` (shares no code with them)."""
+    x, idx, weight, _ = inp
+    N, K = idx.shape
+    y = torch.zeros((N, p.d), dtype=torch.float32, device=x.device)
+    act = activation_fn(p.activation)
+    flat, w = idx.reshape(-1), weight.reshape(-1).float()
+    for e in range(p.w1.shape[0]):
+        slots = (flat == e).nonzero().squeeze(1)
+        if slots.numel() == 0:
+            continue
+        tok = torch.div(slots, K, rounding_mode="floor")
+        rows = x.index_select(0, tok).float()
+        if p.gate_input:
+            rows = rows * w[slots, None]
+        out = F.linear(act(F.linear(rows, p.w1[e].float(), p.b1[e].float())), p.w2[e].float(),
+                       None if p.b2 is None else p.b2[e].float())
+        if not p.gate_input:
+            out = out * w[slots, None]
+        y.index_add_(0, tok, out)
+    return y
+
+
 def unfused(p: Problem, inp, block_m):
     x, idx, weight, _ = inp
     E = p.w1.shape[0]
@@ -219,6 +246,40 @@ def fused_mlp(p: Problem, inp, block_m):
     y = tm.expert_mlp(x, ss, be, weight, p.w1, p.b1, None, None, p.w2, p.b2, p.activation,
                       scale_input=p.gate_input, apply_weight=not p.gate_input)
     return y.to(x.dtype)
+
+
+def time_router(p: Problem, cfg: dict, args, cuda: bool, gen: torch.Generator) -> list:
+    """The router alone: ``moefx::route`` (one Triton kernel: fp32 linear, softmax, selection)
+    against the PyTorch chain (fp32 linear, softmax, ``moefx::xmoe_select``, renormalisation).
+    SliceMoE's router input is its ReLU hidden layer (``H_r = 256``, one row per slice)."""
+    E = cfg["num_experts"]
+    if cfg["kind"] == "slicemoe":
+        width, threshold, top_k, renorm = 256, 0.0, cfg["top_k"], True
+    else:
+        width, renorm = cfg["d_model"], False
+        threshold, top_k = (cfg["threshold"], 0) if "threshold" in cfg else (0.0, cfg["top_k"])
+    rows = p.T * p.rows_per_token
+    device, dtype = p.w1.device, p.w1.dtype
+    w = (torch.randn(E, width, generator=gen) * width ** -0.5).to(dtype).to(device)
+    xs = [(torch.randn(rows, width, generator=gen)).to(dtype).to(device) for _ in range(args.rotations)]
+
+    def torch_router(x):
+        probs = torch.softmax(F.linear(x.float(), w.float()), -1)
+        idx, weight = OPS.xmoe_select(probs, threshold, top_k, 0)
+        return idx, (weight / weight.sum(-1, keepdim=True)) if renorm else weight
+
+    def fused_router(x):
+        return tm.route(x, w, None, threshold, top_k, 0, renorm)[:2]
+
+    out = []
+    with torch.no_grad():
+        for name, fn in (("router_torch", torch_router), ("router_fused", fused_router)):
+            ms, (idx, _) = time_ms(fn, xs, args.warmup, args.iters, cuda)
+            same = bool(torch.equal(idx, torch_router(xs[(args.iters - 1) % len(xs)])[0]))
+            out.append(dict(config=cfg["name"], T=p.T, rows=rows, variant=name, ms=ms,
+                            same_experts_as_torch=same))
+            print(f"{cfg['name']:32s} T={p.T:6d} {name:12s} {ms:9.4f} ms", file=sys.stderr)
+    return out
 
 
 # ------------------------------------------------------------------ timing
@@ -261,7 +322,7 @@ def run(args) -> dict:
     configs = SMOKE_CONFIGS if args.smoke else FULL_CONFIGS
     tokens = args.tokens or ([1, 4] if args.smoke else [1, 128, 4096, 16384])
     gen = torch.Generator().manual_seed(0)
-    results = []
+    results, routers = [], []
     for cfg in configs:
         for T in tokens:
             p = Problem(cfg, T, dtype, device, args.rotations, gen)
@@ -277,17 +338,24 @@ def run(args) -> dict:
             if p.d <= tm.EXPERT_MLP_MAX_WIDTH:
                 variants["fused_mlp"] = lambda inp: fused_mlp(p, inp, block_m)
             with torch.no_grad():
-                ref = grouped_mm(p, p.inputs[(args.iters - 1) % len(p.inputs)])
+                last = p.inputs[(args.iters - 1) % len(p.inputs)]
+                ref = reference_fp32(p, last)
                 row = dict(config=cfg["name"], T=T, rows=N, slots_per_row=K, block_m=block_m,
                            mean_active=round(p.mean_active, 3),
                            active_fraction=round(p.active_fraction, 4))
                 for name, fn in variants.items():
-                    ms, out = time_ms(fn, p.inputs, args.warmup, args.iters, cuda)
+                    try:
+                        ms, out = time_ms(fn, p.inputs, args.warmup, args.iters, cuda)
+                    except Exception as err:  # noqa: BLE001  (one failing variant must not end the run)
+                        results.append(dict(row, variant=name, ms=None, error=f"{type(err).__name__}: {err}"))
+                        print(f"{cfg['name']:32s} T={T:6d} {name:10s} FAILED {err}", file=sys.stderr)
+                        continue
                     entry = dict(row, variant=name, ms=ms)
                     if name != "dense":
                         entry["max_rel_err"] = rel_err(out, ref)
                     results.append(entry)
                     print(f"{cfg['name']:32s} T={T:6d} {name:10s} {ms:9.4f} ms", file=sys.stderr)
+                routers.extend(time_router(p, cfg, args, cuda, gen))
             del p
             if cuda:
                 torch.cuda.empty_cache()
@@ -295,6 +363,7 @@ def run(args) -> dict:
         device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter, smoke test)",
         dtype=args.dtype, torch=torch.__version__, iters=args.iters, warmup=args.warmup,
         rotations=args.rotations, tiles=dict(tm.TILE_OVERRIDES), results=results, goals=goals(results, measured=cuda),
+        router=routers,
     )
 
 
@@ -304,17 +373,22 @@ def goals(results, measured: bool = True) -> dict:
     timings say nothing about a GPU: ``all_met`` is None for them."""
     table = {}
     for r in results:
-        table.setdefault((r["config"], r["T"]), {})[r["variant"]] = r
+        if r["ms"] is not None:
+            table.setdefault((r["config"], r["T"]), {})[r["variant"]] = r
     out = []
     for (config, T), v in table.items():
-        fused_ms = min(v[n]["ms"] for n in ("fused", "fused_mlp") if n in v)
+        fused = [v[n]["ms"] for n in ("fused", "fused_mlp") if n in v]
+        if not fused or "dense" not in v or "grouped_mm" not in v:
+            out.append(dict(config=config, T=T, incomplete=sorted(v)))
+            continue
+        fused_ms = min(fused)
         ideal = v["dense"]["ms"] * v["dense"]["active_fraction"]
         entry = dict(config=config, T=T, fused_ms=fused_ms, grouped_mm_ms=v["grouped_mm"]["ms"],
                      ideal_ms=ideal, beats_grouped_mm=fused_ms <= v["grouped_mm"]["ms"])
         if T >= 4096:
             entry["within_1.5x_ideal"] = fused_ms <= 1.5 * ideal
         out.append(entry)
-    met = all(e["beats_grouped_mm"] and e.get("within_1.5x_ideal", True) for e in out)
+    met = all(e.get("beats_grouped_mm", False) and e.get("within_1.5x_ideal", True) for e in out)
     return dict(per_size=out, all_met=met if measured else None)
 
 
@@ -328,13 +402,24 @@ def table(data: dict) -> str:
              "|---|---|---|" + "---|" * (len(names) + 3)]
     for g in data["goals"]["per_size"]:
         v = rows[(g["config"], g["T"])]
-        cells = [f"{v[n]['ms']:.4f}" if n in v else "-" for n in names]
+        cells = [f"{v[n]['ms']:.4f}" if n in v and v[n]["ms"] is not None else
+                 ("FAILED" if n in v else "-") for n in names]
+        if "incomplete" in g:
+            lines.append(f"| {g['config']} | {g['T']} | - | " + " | ".join(cells) + " | - | - | - |")
+            continue
         lines.append(
             f"| {g['config']} | {g['T']} | {v['dense']['mean_active']} | " + " | ".join(cells)
             + f" | {g['ideal_ms']:.4f} | {g['fused_ms'] / g['grouped_mm_ms']:.2f} | {g['fused_ms'] / g['ideal_ms']:.2f} |"
         )
     lines.append("")
     lines.append(f"all goals met: {data['goals']['all_met']}")
+    lines += ["", "| router | T | torch (ms) | fused route (ms) | same experts |", "|---|---|---|---|---|"]
+    pairs = {}
+    for r in data["router"]:
+        pairs.setdefault((r["config"], r["T"]), {})[r["variant"]] = r
+    for (config, T), v in pairs.items():
+        lines.append(f"| {config} | {T} | {v['router_torch']['ms']:.4f} | {v['router_fused']['ms']:.4f} | "
+                     f"{v['router_fused']['same_experts_as_torch']} |")
     return "\n".join(lines)
 
 
@@ -359,7 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-m", type=int, default=None, help="rows per block (default: by rows per expert)")
     ap.add_argument("--tiles", default=None,
                     help='JSON tile overrides per kernel, e.g. \'{"gemm2_scatter": {"BN": 64, "num_warps": 4}}\'')
-    ap.add_argument("--json", default=None, help="write results here (default bench/gpu_moe.json)")
+    ap.add_argument("--json", default=None,
+                    help="write results here (default bench/gpu_moe.json, bench/gpu_moe_smoke.json with --smoke)")
     ap.add_argument("--table", default=None, help="write the Markdown table here")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or "bfloat16"
@@ -371,7 +457,7 @@ def main(argv=None) -> int:
     data = run(args)
     text = table(data)
     print(text)
-    json_path = args.json or str(Path(__file__).with_name("gpu_moe.json"))
+    json_path = args.json or str(Path(__file__).with_name("gpu_moe_smoke.json" if args.smoke else "gpu_moe.json"))
     _write(json_path, json.dumps(data, indent=1))
     if args.table:
         _write(args.table, text + "\n")

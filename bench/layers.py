@@ -52,19 +52,22 @@ def cases():
     yield "SliceMoE S=8 E=16 k=2", SliceMoE(SliceMoEConfig(num_slices=8, num_experts=16, top_k=2), D, DFF)
 
 
-def median_ms(module, x, min_time: float) -> float:
+def median_ms(module, x, min_time: float):
+    """(wall, CPU) medians in ms. CPU time (all threads of this process) is less sensitive to
+    other jobs on a shared machine than wall time; both are recorded."""
     with torch.no_grad():
         for _ in range(3):
             module(x)
-        times = []
+        wall, cpu = [], []
         start = time.perf_counter()
-        while len(times) < 5 or time.perf_counter() - start < min_time:
-            t0 = time.perf_counter()
+        while len(wall) < 5 or time.perf_counter() - start < min_time:
+            t0, c0 = time.perf_counter(), time.process_time()
             module(x)
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 2000:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            if len(wall) >= 2000:
                 break
-    return statistics.median(times) * 1e3
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
 
 
 def measure(tokens, min_time):
@@ -101,29 +104,42 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         names, res = measure(args.tokens, args.min_time)
         all_rounds.append(res)
-        for key, ms in res.items():
-            best[key] = min(best.get(key, float("inf")), ms)
+        for key, (wall, cpu) in res.items():
+            old = best.get(key, (float("inf"), float("inf")))
+            best[key] = (min(old[0], wall), min(old[1], cpu))
         loads.append(load_average())
         print(f"round {r + 1}/{args.rounds} done (load average {loads[-1]})", file=sys.stderr)
+
+    def table(col: int, what: str):
+        rows = [
+            f"| layer ({what}) | " + " | ".join(f"T={T} ms" for T in args.tokens) + " | "
+            + " | ".join(f"T={T} vs dense" for T in args.tokens) + " |",
+            "|---|" + "---|" * (2 * len(args.tokens)),
+        ]
+        for name in names:
+            ms = [best[(name, T)][col] for T in args.tokens]
+            ratio = [best[(name, T)][col] / best[("dense FFN", T)][col] for T in args.tokens]
+            rows.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in ms) + " | " + " | ".join(f"{v:.2f}x" for v in ratio) + " |")
+        return rows
+
     lines = [
         "# moefx layers vs dense FFN (bench/layers.py)",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+        f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
         f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; python {platform.python_version()}",
         f"- shapes: d={D}, d_ff={DFF}, float32, eval + no_grad; median per case, best of {args.rounds} rounds",
         f"- load average (1/5/15 min) before and after each round: {' | '.join(loads)}",
         "",
-        "| layer | " + " | ".join(f"T={T} ms" for T in args.tokens) + " | " + " | ".join(f"T={T} vs dense" for T in args.tokens) + " |",
-        "|---|" + "---|" * (2 * len(args.tokens)),
+        *table(0, "wall"),
+        "",
+        *table(1, "process CPU time"),
+        "",
+        "Ratios are MoE time / dense time (below 1 is faster). Per-round wall medians (ms):",
+        "",
     ]
-    for name in names:
-        ms = [best[(name, T)] for T in args.tokens]
-        ratio = [best[(name, T)] / best[("dense FFN", T)] for T in args.tokens]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in ms) + " | " + " | ".join(f"{v:.2f}x" for v in ratio) + " |")
-    lines += ["", "Ratios are MoE time / dense time (below 1 is faster). Per-round medians (ms):", ""]
     for r, res in enumerate(all_rounds):
-        lines.append(f"- round {r + 1}: " + "; ".join(f"{n} T={T}: {res[(n, T)]:.2f}" for n in names for T in args.tokens))
+        lines.append(f"- round {r + 1}: " + "; ".join(f"{n} T={T}: {res[(n, T)][0]:.2f}" for n in names for T in args.tokens))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

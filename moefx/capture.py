@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -143,7 +143,8 @@ def capture(
 ) -> fx.GraphModule:
     """Trace ``model`` on the example inputs into a GraphModule (see the module docstring).
 
-    ``example_inputs`` is one tensor or a tuple of positional arguments; ``example_kwargs`` are
+    ``example_inputs`` is one tensor, a tuple of positional arguments, or a mapping of keyword
+    arguments (a tokenizer's output); ``example_kwargs`` are
     keyword arguments (``use_cache=False`` is added for Hugging Face models). ``leaf_modules``
     (types or module paths) are kept whole by the fallback tracer. ``gm.meta["moefx_capture"]``
     says which method worked. The returned graph is not canonicalised; FFN discovery does that
@@ -151,6 +152,8 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, Mapping) and example_kwargs is None:
+        example_inputs, example_kwargs = (), dict(example_inputs)  # e.g. a tokenizer's output
     args = _as_tuple(example_inputs)
     kwargs = prepare_kwargs(model, example_kwargs)
     failures: dict = {}

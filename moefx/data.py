@@ -121,8 +121,10 @@ def perplexity(model, batches: Sequence[torch.Tensor], progress: bool = False, d
     Computed from the logits (not the model's own loss) so that any model returning logits
     works, GraphModules included, and batches of different sizes weigh by their token count.
     """
+    from .convert.rewrite import set_mode
+
     was_training = model.training
-    model.eval()
+    set_mode(model, False)
     total, count = 0.0, 0
     it = batches
     if progress:
@@ -143,5 +145,5 @@ def perplexity(model, batches: Sequence[torch.Tensor], progress: bool = False, d
             total += float(loss)
             count += target.numel()
     finally:
-        model.train(was_training)
+        set_mode(model, was_training)
     return math.exp(total / max(count, 1))

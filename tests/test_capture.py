@@ -99,3 +99,10 @@ def test_moefx_capture_stays_callable_after_importing_the_module():
     importlib.import_module("moefx.capture")
     gm = moefx.capture(nn.Linear(3, 3), (torch.randn(2, 3),))
     assert isinstance(gm, torch.fx.GraphModule)
+
+
+def test_mapping_inputs_are_keyword_arguments():
+    model, args, _ = zoo.llama()
+    gm = capture(model, {"input_ids": args[0]})
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert "input_ids" in placeholders and "use_cache" in placeholders

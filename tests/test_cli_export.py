@@ -65,7 +65,6 @@ def test_cli_reports_bad_model_without_writing(tmp_path, capsys):
 
 
 def test_cli_exports_directory_saved_by_convert(tmp_path, capsys):
-    convert_io = pytest.importorskip("moefx.convert.io")
     import moefx
 
     torch.manual_seed(0)
@@ -73,7 +72,7 @@ def test_cli_exports_directory_saved_by_convert(tmp_path, capsys):
     ids = torch.randint(0, 40, (1, 6))
     converted = moefx.convert(model, XMoEConfig(num_experts=8, threshold=0.9), (ids,))
     saved = tmp_path / "conv"
-    convert_io.save(converted, str(saved))
+    moefx.save(converted, str(saved))
     out = tmp_path / "conv.onnx"
     code = main(["export", str(saved), "--onnx", str(out)])
     printed = capsys.readouterr().out

@@ -85,3 +85,11 @@ def test_does_not_fire_when_hidden_activations_are_read_elsewhere():
 def test_max_width_beyond_the_kernel_is_refused():
     with pytest.raises(ValueError, match="max_width"):
         FuseExpertMLP(max_width=1024)
+
+
+def test_fused_op_shape_error_names_the_op_and_layout():
+    x, idx = torch.randn(4, 8), torch.zeros(4, 1, dtype=torch.long)
+    ss, be = OPS.dispatch(idx, 2, 4)
+    w1, w2 = torch.randn(2, 5, 8), torch.randn(2, 8, 6)  # w2 should be [E, d, 5]
+    with pytest.raises(Exception, match=r"moefx::expert_mlp: w2 must be \[E, d, h\] with h = 5"):
+        OPS.expert_mlp(x, ss, be, torch.ones(4, 1), False, True, w1, None, None, None, w2, None, "relu")

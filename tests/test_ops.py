@@ -71,6 +71,7 @@ REGIMES = {  # name: (rows, slots, ALL_EXPERTS_MAX_ROWS) so that each CPU code p
 def regime(request, monkeypatch):
     T, K, limit = REGIMES[request.param]
     monkeypatch.setattr(cpu, "ALL_EXPERTS_MAX_ROWS", limit)
+    monkeypatch.setattr(cpu, "CHUNK_ROWS", 4)  # several chunks per expert in the grouped path
     return T, K
 
 
@@ -203,5 +204,17 @@ def test_bad_arguments_say_what_is_wrong():
         call(ops.moe_ffn, x, idx, w, p, "tanh", False)
     with pytest.raises(RuntimeError, match="weight must have idx's shape"):
         call(ops.moe_ffn, x, idx, torch.ones(2, 2), p, "gelu", False)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[-1, 2\]"):
+        call(ops.moe_ffn, x, torch.full((2, 1), 3), w, p, "gelu", False)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[-1, 2\]"):
+        ops.capacity_drop(torch.full((2, 1), -2), w, 3, 4)
     with pytest.raises(RuntimeError, match="exceed the 3 experts"):
         ops.xmoe_select(torch.rand(2, 3), 0.5, 4, 0)
+
+
+def test_xmoe_select_float32_agrees_with_reference_near_the_threshold():
+    probs = random_probs(500, 16, dtype=torch.float32, seed=9)
+    for threshold in (0.3, 0.5, 0.9):
+        got = ops.xmoe_select(probs, threshold, 0, 0)
+        want = R.xmoe_select_reference(probs, threshold, 0, 0)
+        assert torch.equal(got[0], want[0])

@@ -119,3 +119,20 @@ def test_model_without_moe_layers_is_reported():
     gm = moefx.optimize(model, (torch.randn(2, 4),))
     assert gm.moefx_record.events == []
     assert "nothing lowered" in gm.moefx_record.format()
+
+
+def test_optimized_graph_exports_with_dynamic_batch():
+    """The fused ops' fake kernels give shapes from shapes only (the static block bound), so
+    the optimized graph goes through torch.export with a dynamic batch and sequence."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    gm = moefx.optimize(model, (torch.randn(2, 5, 32),))
+    ep = torch.export.export(gm, (torch.randn(2, 5, 32),), strict=False,
+                             dynamic_shapes=({0: Dim("batch", max=64), 1: Dim("seq", max=64)},))
+    targets = [str(n.target) for n in ep.graph.nodes if "moefx" in str(n.target)]
+    assert targets.count("moefx.expert_mlp.default") == 2 and targets.count("moefx.route.default") == 2
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)

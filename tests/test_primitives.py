@@ -156,3 +156,35 @@ def test_opcheck_primitives():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cuda_kernel_table_matches_the_op_schemas():
+    """Every function moefx/kernels/cuda.py registers for CUDA exists as an op and takes the
+    op's arguments in the op's order (checked here, where no GPU runs them)."""
+    import inspect
+
+    import moefx.kernels.fused  # noqa: F401
+    from moefx.kernels import cuda
+
+    for name, fn in cuda.KERNELS.items():
+        op = getattr(torch.ops.moefx, name.split("::")[1]).default
+        assert list(inspect.signature(fn).parameters) == [a.name for a in op._schema.arguments], name
+
+
+@pytest.mark.parametrize("first", ["moefx.layers", "moefx.kernels.primitives"])
+def test_cuda_registration_survives_every_import_order(first):
+    """On a CUDA machine kernels/__init__ imports cuda.py, which imports fused and primitives,
+    which call back into cuda.py: whichever module loads first, all kernels end up registered.
+    Simulated here (a fresh interpreter told that CUDA is available)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.cuda.is_available = lambda: True\n"
+        f"import importlib; importlib.import_module({first!r})\n"
+        "import moefx.kernels.fused, moefx.kernels.primitives\n"
+        "from moefx.kernels import cuda\n"
+        "assert cuda._registered == set(cuda.KERNELS), cuda._registered\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

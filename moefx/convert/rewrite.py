@@ -79,31 +79,25 @@ def find_chain(match) -> Optional[List[str]]:
     block = set(_compute_nodes(match.nodes))
     if not block:
         return None
-    order: List[str] = []
-    owner: Dict[fx.Node, str] = {}
+    from ..patterns.common import is_meta_only
+
     prefix = match.path + "." if match.path else ""
+    members: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if is_meta_only(n):
+            continue
+        for p in _stack_paths(n):
+            members.setdefault(p, []).append(n)
+    order: List[str] = []
     for n in gm.graph.nodes:
         if n not in block:
             continue
         paths = [p for p in _stack_paths(n) if p.startswith(prefix) and p != match.path]
-        if not paths:
-            return None  # a block node written in the parent's own forward
-        top = paths[0]
-        owner[n] = top
-        if top not in order:
-            order.append(top)
-    members = {p: [] for p in order}
-    for n in gm.graph.nodes:
-        from ..patterns.common import is_meta_only
-
-        if is_meta_only(n):
-            continue
-        paths = _stack_paths(n)
-        for p in order:
-            if p in paths:
-                if n not in block:
-                    return None  # the module does more than its part of the block
-                members[p].append(n)
+        whole = [p for p in paths if all(x in block for x in members[p])]
+        if not whole:
+            return None  # written in the parent's own forward, or in a module doing more
+        if whole[0] not in order:
+            order.append(whole[0])
     prev_out = match.input_node
     for i, p in enumerate(order):
         inside = set(members[p])
@@ -171,9 +165,25 @@ def graph_replace(gm: fx.GraphModule, match, layer: nn.Module, name: str) -> Non
 
 
 def unique_name(gm: nn.Module, base: str) -> str:
-    base = base.replace(".", "_") or "root"
+    import re
+
+    base = re.sub(r"\W", "_", base) or "root"
     name, i = base, 1
     while hasattr(gm, name):
         name = f"{base}_{i}"
         i += 1
     return name
+
+
+def set_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``, tolerating exported GraphModules, which refuse ``eval()``
+    (their dropout and batch-norm are already fixed at capture)."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        for m in model.modules():
+            if m is not model:
+                try:
+                    m.train(training)
+                except NotImplementedError:
+                    pass

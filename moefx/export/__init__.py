@@ -143,24 +143,21 @@ def _default_dynamic(model, args: tuple, kwargs: dict):
     return shapes, axes_by_index
 
 
-def _axes_from_user(dynamic_shapes, args, kwargs) -> dict:
-    """Dynamic axes per flat input index from a user's ``dynamic_shapes`` (positional tuple or
-    dict by name); used only to build the second verification shape."""
-    flat, _ = pytree.tree_flatten((args, kwargs))
-    if isinstance(dynamic_shapes, dict):
-        specs = list(dynamic_shapes.values())
-    else:
-        specs = list(dynamic_shapes)
+def _dynamic_axes_of(exported_program) -> dict:
+    """``{flat input index: axes}`` of the axes the exported program really left symbolic,
+    whoever chose them (the defaults or the user's ``dynamic_shapes``)."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {n.name: n for n in exported_program.graph.nodes if n.op == "placeholder"}
+    specs = [s for s in exported_program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
     out = {}
-    index = 0
-    for spec in specs:
-        if index >= len(flat):
-            break
-        if isinstance(spec, dict):
-            out[index] = tuple(spec)
-        elif isinstance(spec, (list, tuple)) and isinstance(flat[index], torch.Tensor):
-            out[index] = tuple(i for i, d in enumerate(spec) if d is not None)
-        index += 1
+    for i, spec in enumerate(specs):
+        node = placeholders.get(getattr(spec.arg, "name", None))
+        value = node.meta.get("val") if node is not None else None
+        if isinstance(value, torch.Tensor):
+            axes = tuple(a for a, size in enumerate(value.shape) if not isinstance(size, int))
+            if axes:
+                out[i] = axes
     return out
 
 
@@ -276,12 +273,11 @@ def export_onnx(
         ]
         approximated = any(p.approximated for p in plans)
         if dynamic and dynamic_shapes is None:
-            dyn_shapes, axes_by_index = _default_dynamic(model, args, kwargs)
-        elif dynamic:
-            dyn_shapes, axes_by_index = dynamic_shapes, _axes_from_user(dynamic_shapes, args, kwargs)
+            dyn_shapes, default_axes = _default_dynamic(model, args, kwargs)
+            trace_args, trace_kwargs = _widen_for_trace(args, kwargs, default_axes)
         else:
-            dyn_shapes, axes_by_index = None, {}
-        trace_args, trace_kwargs = _widen_for_trace(args, kwargs, axes_by_index) if dynamic else (args, kwargs)
+            dyn_shapes = dynamic_shapes if dynamic else None
+            trace_args, trace_kwargs = args, kwargs
         table = translations.translation_table()
 
         with ort_target.swapped_layers(model, plans) as module:
@@ -306,7 +302,7 @@ def export_onnx(
                     program = _to_onnx(ep, table, opset)
             except Exception as err:
                 raise ExportError(f"ONNX conversion failed: {type(err).__name__}: {err}") from err
-            input_sets = _input_sets(args, kwargs, axes_by_index) if verify else []
+            input_sets = _input_sets(args, kwargs, _dynamic_axes_of(ep)) if verify else []
             expected = [torch_outputs(module, a, k) for a, k in input_sets] if approximated else None
 
         onnx_model = program.model
@@ -322,6 +318,11 @@ def export_onnx(
             v.const_value.nbytes for v in onnx_model.graph.initializers.values() if v.const_value is not None
         )
         use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_BYTES
+        if not use_external and weight_bytes >= 2**31:
+            raise ExportError(
+                f"the weights take {weight_bytes / 2**30:.2f} GiB, past protobuf's 2 GiB limit for one "
+                "file; leave external_data unset (or True) to write them to a .data file"
+            )
 
         verification: list[VerifyResult] = []
         tmpdir = tempfile.mkdtemp(prefix=".moefx-export-", dir=directory)

@@ -49,9 +49,14 @@ def register(subparsers) -> None:
 
 
 def _is_saved_moefx_dir(path: str) -> bool:
+    """A ``moefx.save`` directory holds its recipe (``recipe.json``) next to the weights."""
     if not os.path.isdir(path):
         return False
-    return any(name.startswith("moefx") and name.endswith(".json") for name in os.listdir(path))
+    try:
+        from moefx.convert.io import RECIPE
+    except ImportError:
+        return False
+    return os.path.isfile(os.path.join(path, RECIPE))
 
 
 def _token_inputs(model, batch: int, seq: int):

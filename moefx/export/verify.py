@@ -58,7 +58,8 @@ def session(path: str, provider: str = "CPUExecutionProvider", threads: Optional
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=[provider])
+    chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(path, options, providers=chain)
 
 
 def feeds(exported_program, args: tuple, kwargs: dict) -> dict:

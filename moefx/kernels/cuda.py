@@ -19,7 +19,11 @@ from moefx.kernels import triton_moe as tm
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_ok(*tensors) -> bool:
+def _triton_ok(*tensors, block_expert=None, rows=None) -> bool:
+    """Triton takes fp32/fp16/bf16, and row blocks of at least 16 (``tl.dot``'s smallest tile;
+    a graph lowered for the CPU uses 1-row blocks)."""
+    if block_expert is not None and block_expert.numel() and rows // block_expert.numel() < 16:
+        return False
     return all(t is None or t.dtype in _TRITON_DTYPES for t in tensors)
 
 
@@ -36,7 +40,7 @@ def dispatch_cuda(idx, num_experts, block_m):
 
 
 def grouped_gemm_cuda(a, block_expert, w, b):
-    if not _triton_ok(a, w):
+    if not _triton_ok(a, w, block_expert=block_expert, rows=a.shape[0]):
         return _prims.grouped_gemm_torch(a, block_expert, w, b)
     return tm.grouped_gemm(a, block_expert, w, b)
 
@@ -54,28 +58,25 @@ def _route_torch(x, weight, bias, threshold, top_k, max_experts, renormalize):
 
 
 def gather_gemm1_cuda(x, sorted_slot, block_expert, weight, scale_input, w1, b1, w3, b3, activation):
-    if not _triton_ok(x, w1):
-        rows = _prims.gather_rows_torch(x, sorted_slot, weight, scale_input)
-        return _fused._hidden(rows, block_expert, w1, b1, w3, b3, activation)
+    if not _triton_ok(x, w1, block_expert=block_expert, rows=sorted_slot.shape[0]):
+        return _fused.gather_gemm1_torch(x, sorted_slot, block_expert, weight, scale_input,
+                                         w1, b1, w3, b3, activation)
     return tm.gather_gemm1(x, sorted_slot, block_expert, weight, w1, b1, w3, b3, activation,
                            scale_input=scale_input)
 
 
 def gemm2_scatter_cuda(hidden, sorted_slot, block_expert, weight, apply_weight, w2, b2):
-    if not _triton_ok(hidden, w2):
-        out = _prims.grouped_gemm_torch(hidden, block_expert, w2, b2)
-        return _prims.combine_torch(out, sorted_slot, weight, apply_weight)
+    if not _triton_ok(hidden, w2, block_expert=block_expert, rows=sorted_slot.shape[0]):
+        return _fused.gemm2_scatter_torch(hidden, sorted_slot, block_expert, weight, apply_weight, w2, b2)
     y = tm.gemm2_scatter(hidden, sorted_slot, block_expert, weight, w2, b2, apply_weight=apply_weight)
     return y.to(hidden.dtype)
 
 
 def expert_mlp_cuda(x, sorted_slot, block_expert, weight, scale_input, apply_weight,
                     w1, b1, w3, b3, w2, b2, activation):
-    if not _triton_ok(x, w1, w2):
-        rows = _prims.gather_rows_torch(x, sorted_slot, weight, scale_input)
-        h = _fused._hidden(rows, block_expert, w1, b1, w3, b3, activation)
-        out = _prims.grouped_gemm_torch(h, block_expert, w2, b2)
-        return _prims.combine_torch(out, sorted_slot, weight, apply_weight)
+    if not _triton_ok(x, w1, w2, block_expert=block_expert, rows=sorted_slot.shape[0]):
+        return _fused.expert_mlp_torch(x, sorted_slot, block_expert, weight, scale_input, apply_weight,
+                                       w1, b1, w3, b3, w2, b2, activation)
     if x.shape[1] > tm.EXPERT_MLP_MAX_WIDTH:
         h = tm.gather_gemm1(x, sorted_slot, block_expert, weight, w1, b1, w3, b3, activation,
                             scale_input=scale_input)

@@ -27,6 +27,17 @@ from moefx.kernels import cpu
 _EMPTY_SHAPE = (0,)
 
 
+def _check_expert_ids(op: str, idx: Tensor, num_experts: int) -> None:
+    """Real kernels only (it reads the data): every id is -1 (unused slot) or a valid expert."""
+    if idx.dtype != torch.long:
+        raise TypeError(f"{op}: idx must be int64, got {idx.dtype}")
+    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= num_experts):
+        raise ValueError(
+            f"{op}: expert ids must lie in [-1, {num_experts - 1}] (-1 = unused slot), "
+            f"got min {int(idx.min())} and max {int(idx.max())}"
+        )
+
+
 def _static_k(num_experts: int, top_k: int, max_experts: int) -> int:
     if top_k > 0:
         return top_k
@@ -89,6 +100,7 @@ def capacity_drop(idx: Tensor, weight: Tensor, num_experts: int, capacity: int) 
     """SPEC §1 capacity rule: rank-major priority, higher probability first inside a rank;
     slots past an expert's ``capacity`` become ``-1`` / ``0``."""
     _check_capacity(idx, weight, num_experts, capacity)
+    _check_expert_ids("moefx::capacity_drop", idx, num_experts)
     return cpu.capacity_drop(idx, weight, num_experts, capacity)
 
 
@@ -139,6 +151,7 @@ def moe_ffn(
     ``y[n] = Σ_j weight[n,j]·FFN_{idx[n,j]}(x[n])`` or, with ``gate_input``,
     ``Σ_j FFN_{idx[n,j]}(weight[n,j]·x[n])``; slots with ``idx < 0`` are skipped."""
     _check_moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation)
+    _check_expert_ids("moefx::moe_ffn", idx, w1.shape[0])
     return cpu.moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
 
 

@@ -19,7 +19,8 @@ input), keep fp32 accumulators, apply the routing weight either to the input row
 (``scale_input``, SliceMoE's input gating) or in the epilogue (``apply_weight``), and add results
 into an fp32 ``[N, d]`` buffer with atomic adds. An atomic scatter-add, not a per-slot output
 buffer, because threshold routing makes ``K`` as large as ``E``: a ``[N, K, d]`` buffer would
-cost gigabytes at XMoE's sizes.
+cost gigabytes at XMoE's sizes. The price: on a GPU the order of the fp32 additions varies,
+so results may differ from run to run in the last bits (the dispatch itself is deterministic).
 
 Every width is allowed (SliceMoE's slices of 72 or 96 included): loads are masked and padded to
 the power-of-two tile. All launchers run on CUDA tensors, or on CPU tensors under
@@ -181,31 +182,83 @@ def _place_kernel(idx_ptr, chunk_base_ptr, block_start_ptr, sorted_ptr, R, E,
     tl.store(sorted_ptr + dest, offs.to(tl.int64), mask=valid)
 
 
-def align_blocks(idx: torch.Tensor, num_experts: int, block_m: int):
+@triton.jit
+def _align_small_kernel(idx_ptr, sorted_ptr, block_expert_ptr, R, E, B,
+                        BM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+    offs_i = tl.arange(0, BLOCK)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, R, BLOCK):
+        offs = c0 + offs_i
+        e = tl.load(idx_ptr + offs, mask=offs < R, other=-1)
+        counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    counts = tl.where(e_mask, counts, 0)
+    n_blocks = (counts + BM - 1) // BM
+    ends = tl.cumsum(n_blocks, 0)
+    base = (ends - n_blocks) * BM
+    ends = tl.where(e_mask, ends, 2147483647)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        expert = tl.sum((ends[None, :] <= offs_b[:, None]).to(tl.int32), axis=1)
+        expert = tl.where(expert < E, expert, -1)
+        tl.store(block_expert_ptr + offs_b, expert.to(tl.int64), mask=offs_b < B)
+    for r0 in range(0, B * BM, BLOCK):
+        rows = r0 + offs_i
+        tl.store(sorted_ptr + rows, tl.full((BLOCK,), -1, dtype=tl.int64), mask=rows < B * BM)
+    tl.debug_barrier()
+    for c0 in range(0, R, BLOCK):
+        offs = c0 + offs_i
+        e = tl.load(idx_ptr + offs, mask=offs < R, other=-1)
+        valid = (e >= 0) & (e < E)
+        hit = e[:, None] == offs_e[None, :]
+        earlier = (offs_i[None, :] < offs_i[:, None]) & (e[None, :] == e[:, None])
+        dest = tl.sum(tl.where(hit, base[None, :], 0), axis=1) + tl.sum(earlier.to(tl.int32), axis=1)
+        tl.store(sorted_ptr + dest, offs.to(tl.int64), mask=valid)
+        base += tl.sum(hit.to(tl.int32), axis=0)
+
+
+# Up to this many routing slots, one program sorts them all (one launch instead of five: what
+# decode-sized batches need); beyond, the work is spread over one program per 128 slots.
+SINGLE_PROGRAM_SLOTS = 4096
+
+
+def align_blocks(idx: torch.Tensor, num_experts: int, block_m: int,
+                 single_program: Optional[bool] = None):
     """Group the slots of ``idx [N, K]`` by expert into the block layout (see the module doc).
 
     Stable: inside one expert, slots keep their order, so the result equals
-    :func:`moefx.kernels.primitives.dispatch_torch` exactly. Three kernels and two device-side
-    cumulative sums; nothing is read back to the host.
+    :func:`moefx.kernels.primitives.dispatch_torch` exactly. Nothing is read back to the host.
+    Small batches (``single_program``, default: at most :data:`SINGLE_PROGRAM_SLOTS` slots) use
+    one kernel; large ones three kernels and two device-side cumulative sums.
     """
     R = idx.numel()
     E = int(num_experts)
     B = max_blocks(R, E, block_m)
     device = idx.device
+    BLOCK = 128
+    BLOCK_E = _pow2(E, 2)
+    BLOCK_B = max(16, min(256, 8192 // BLOCK_E))
+    if single_program is None:
+        single_program = R <= SINGLE_PROGRAM_SLOTS
+    if single_program and R > 0:
+        sorted_slot = torch.empty((B * block_m,), dtype=torch.int64, device=device)
+        block_expert = torch.empty((B,), dtype=torch.int64, device=device)
+        _align_small_kernel[(1,)](idx.reshape(-1).contiguous(), sorted_slot, block_expert, R, E, B,
+                                  BM=block_m, BLOCK=BLOCK, BLOCK_E=BLOCK_E, BLOCK_B=BLOCK_B)
+        return sorted_slot, block_expert
     sorted_slot = torch.full((B * block_m,), -1, dtype=torch.int64, device=device)
     block_expert = torch.full((B,), -1, dtype=torch.int64, device=device)
     if R == 0:
         return sorted_slot, block_expert
     flat = idx.reshape(-1).contiguous()
-    BLOCK = 128
     n_chunks = triton.cdiv(R, BLOCK)
-    BLOCK_E = _pow2(E, 2)
     counts = torch.empty((n_chunks, E), dtype=torch.int32, device=device)
     _chunk_count_kernel[(n_chunks,)](flat, counts, R, E, BLOCK=BLOCK, BLOCK_E=BLOCK_E)
     totals = counts.sum(0, dtype=torch.int32)
     chunk_base = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
     block_start = torch.empty((E,), dtype=torch.int32, device=device)
-    BLOCK_B = max(16, min(256, 8192 // BLOCK_E))
     _block_map_kernel[(1,)](totals, block_start, block_expert, E, B,
                             BM=block_m, BLOCK_E=BLOCK_E, BLOCK_B=BLOCK_B)
     _place_kernel[(n_chunks,)](flat, chunk_base, block_start, sorted_slot, R, E,

@@ -83,7 +83,7 @@ class SliceMoE(nn.Module):
     def router_probs(self, slices: torch.Tensor) -> torch.Tensor:
         rd = router_dtype(slices.dtype)
         lin1, lin2 = self.router[0], self.router[2]
-        hidden = F.relu(F.linear(slices.to(rd), lin1.weight.to(rd), lin1.bias.to(rd)))
+        hidden = F.relu(F.linear(slices.to(rd), lin1.weight.to(rd), lin1.bias.to(rd)), inplace=True)
         return torch.softmax(F.linear(hidden, lin2.weight.to(rd), lin2.bias.to(rd)), dim=-1)
 
     def route(self, x2d: torch.Tensor):

@@ -281,8 +281,10 @@ class _Finder:
                         raise _Rejected(cand.reject)
                     self.accept(cand)
                 except _Rejected as why:
+                    stack = module_stack(node)
+                    where = f"{stack[-1][0]} ({node.name})" if stack and stack[-1][0] else node.name
                     self.rejected.append(Rejection(
-                        name=node.name, reason=str(why),
+                        name=where, reason=str(why),
                         nodes=sorted((n.name for n in cand.region()), key=str)))
                 break
         return self.matches, self.rejected

@@ -195,8 +195,10 @@ def _num_tokens(node: Any) -> Optional[int]:
 class LowerMoE(PassBase):
     """Inline MoE layers (and ``moefx::moe_ffn`` calls) into primitive moefx ops.
 
-    ``block_m`` fixes the rows per block of the grouped layout; None picks it per layer from
-    the example batch recorded in the node metadata (16 when none is recorded).
+    ``block_m`` fixes the rows per block of the grouped layout; None picks it per layer: 1 for
+    weights off the GPU (no padding), else from the example batch recorded in the node
+    metadata (16 when none is recorded). The Triton kernels need at least 16: a graph lowered
+    for the CPU and moved to CUDA runs its grouped ops on the PyTorch path.
     """
 
     name = "lower"
@@ -208,9 +210,13 @@ class LowerMoE(PassBase):
         self.block_m = block_m
         self.fired: list[str] = []
 
-    def _block_m(self, node: fx.Node, slots_per_token: int, num_experts: int) -> int:
+    def _block_m(self, node: fx.Node, slots_per_token: int, num_experts: int, device) -> int:
+        """Rows per block: 1 (no padding at all) for weights off the GPU, where the PyTorch
+        kernels gain nothing from padded tiles; else sized from the example batch."""
         if self.block_m is not None:
             return self.block_m
+        if device is not None and torch.device(device).type != "cuda":
+            return 1
         T = _num_tokens(node)
         return 16 if T is None else choose_block_m(T * slots_per_token, num_experts)
 
@@ -226,7 +232,6 @@ class LowerMoE(PassBase):
             elif is_op(node, "xmoe_select"):
                 modified |= self._lower_select(gm, node)
         if modified:
-            gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
@@ -280,7 +285,7 @@ class LowerMoE(PassBase):
         p = {n: em.attr(path, n, m) for n in ("w1", "b1", "w3", "b3", "w2")}
         y = emit_experts(em, x2d, idx, weight, p["w1"], p["b1"], p["w3"], p["b3"], p["w2"], None,
                          m.activation, False, True, E,
-                         self._block_m(x, cfg.max_selected, E))
+                         self._block_m(x, cfg.max_selected, E, m.w1.device))
         if cfg.num_shared:
             s = {n: em.attr(path, f"shared_{n}", m) for n in ("w1", "b1", "w3", "b3", "w2")}
             hid = em.op("activation", em.fn(torch.nn.functional.linear, x2d, s["w1"], s["b1"]), m.activation)
@@ -314,7 +319,7 @@ class LowerMoE(PassBase):
         gate_input = cfg.gate == "input"
         y = emit_experts(em, slices, idx, weight, p["w1"], p["b1"], p["w3"], p["b3"], p["w2"],
                          p["b2"], m.activation, gate_input, not gate_input, E,
-                         self._block_m(x, cfg.num_slices * cfg.top_k, E))
+                         self._block_m(x, cfg.num_slices * cfg.top_k, E, m.w1.device))
         return em.method("reshape_as", y, x)
 
     def _lower_moe_ffn(self, gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -336,7 +341,7 @@ class LowerMoE(PassBase):
         em = _Emitter(gm.graph, node, layer)
         y = emit_experts(em, a["x"], a["idx"], a["weight"], a["w1"], a["b1"], a["w3"], a["b3"],
                          a["w2"], a["b2"], a["activation"], a["gate_input"], not a["gate_input"], E,
-                         self._block_m(a["x"], K, E))
+                         self._block_m(a["x"], K, E, _device_of(gm, a["w1"])))
         node.replace_all_uses_with(y)
         gm.graph.erase_node(node)
         self.fired.append(f"lower: moefx::moe_ffn at {where(y)} -> primitive expert ops")
@@ -354,6 +359,17 @@ class LowerMoE(PassBase):
         gm.graph.erase_node(node)
         self.fired.append(f"lower: moefx::xmoe_select at {where(sel)} -> select_experts")
         return True
+
+
+def _device_of(gm: fx.GraphModule, node: Any):
+    """The device of the tensor a node yields, when the module or the metadata tells."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part, None)
+        return obj.device if isinstance(obj, torch.Tensor) else None
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.device if isinstance(val, torch.Tensor) else None
 
 
 def _module_path(node: fx.Node) -> Optional[str]:

@@ -118,8 +118,9 @@ def optimize(model, example_inputs, verbose: bool = False, block_m: Optional[int
 
     ``passes`` picks a subset of ``("fuse_router", "fuse_gather_gemm", "fuse_gemm_scatter",
     "fuse_expert_mlp")`` (lowering always runs); ``block_m`` fixes the grouped row block
-    (default: chosen per layer from the example batch); ``expert_mlp_max_width`` bounds the
-    widths the whole-MLP fusion accepts.
+    (default: 1 for a model on the CPU, where padding only costs; on CUDA chosen per layer from
+    the example batch, so optimize on the device you will run on); ``expert_mlp_max_width``
+    bounds the widths the whole-MLP fusion accepts.
     """
     inputs = _as_inputs(example_inputs)
     gm, source = _to_graph_module(model, inputs)

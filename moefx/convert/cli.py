@@ -1,0 +1,211 @@
+"""``moefx convert MODEL --to xmoe|slicemoe [...] --out DIR [--force]``.
+
+Loads MODEL (any form ``moefx inspect`` takes), converts every dense FFN, optionally
+calibrates on ``--calibrate-tokens`` tokens (standard-library docstrings through the model's
+tokenizer when it has one; random token ids or example-shaped noise otherwise, which only fits
+routers and experts to the model's own activations), saves atomically to DIR and prints a
+summary: layers converted, parameters and FLOPs per token before and after, mean activation,
+and each layer's relative error against its dense FFN. Nothing is written when conversion
+fails, and an existing DIR is kept unless ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from ..config import XMOE_ROUTERS, XMOE_SPLITS
+
+EPILOG = """\
+Examples:
+  moefx convert smollm2 --to xmoe --experts 16 --shared 4 --router fitted --calibrate-tokens 4096 --target-ratio 0.5 --out out/smol-xmoe
+  moefx convert path/to/config.json --to slicemoe --slices 8 --experts 16 --top-k 2 --out out/tiny-slice
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="rewrite the dense FFNs of MODEL into XMoE or SliceMoE layers and save the result",
+        description=__doc__.split("\n\n", 1)[1],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="the dense model (forms: see `moefx --help`)")
+    p.add_argument("--to", choices=("xmoe", "slicemoe"), required=True, help="the MoE layer kind")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (recipe.json + model.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--experts", type=int, default=16, help="experts per layer (default 16)")
+    p.add_argument("--threshold", type=float, default=None, help="XMoE probability-mass threshold (default 0.9)")
+    p.add_argument("--top-k", type=int, default=None, help="XMoE: fixed top-k instead of a threshold; SliceMoE: k (default 2)")
+    p.add_argument("--shared", type=int, default=0, help="XMoE always-on shared experts (default 0)")
+    p.add_argument("--slices", type=int, default=8, help="SliceMoE slices per token (default 8)")
+    p.add_argument("--split", choices=XMOE_SPLITS, default="kmeans", help="XMoE neuron partition (default kmeans)")
+    p.add_argument("--router", choices=XMOE_ROUTERS, default=None,
+                   help="XMoE router: centroid (no data) or fitted (default: fitted when calibrating)")
+    p.add_argument("--calibrate-tokens", type=int, default=0, help="calibrate on this many tokens (0: no calibration)")
+    p.add_argument("--target-ratio", type=float, default=None,
+                   help="XMoE: rescale routers so this fraction of expert groups is active (needs calibration)")
+    p.add_argument("--steps", type=int, default=None, help="Adam steps per layer during calibration")
+    p.set_defaults(func=run)
+
+
+def _configs(args):
+    from ..config import SliceMoEConfig, XMoEConfig
+
+    if args.to == "xmoe":
+        router = args.router or ("fitted" if args.calibrate_tokens > 0 else "centroid")
+        if args.top_k is not None:
+            return XMoEConfig(num_experts=args.experts, threshold=None, top_k=args.top_k,
+                              num_shared=args.shared, split=args.split, router=router)
+        return XMoEConfig(num_experts=args.experts, threshold=0.9 if args.threshold is None else args.threshold,
+                          num_shared=args.shared, split=args.split, router=router)
+    return SliceMoEConfig(num_slices=args.slices, num_experts=args.experts, top_k=args.top_k or 2)
+
+
+def calibration_batches_for(loaded, num_tokens: int, seed: int = 0) -> list:
+    """Calibration inputs for a loaded MODEL (see the module docstring)."""
+    import torch
+
+    from .calibrate import Inputs
+
+    tok = _tokenizer(loaded.source)
+    if tok is not None:
+        from .. import data
+
+        seq = min(256, num_tokens)
+        return [Inputs((b,), {}) for b in data.token_batches(tok, "calibration", num_tokens=num_tokens, seq_len=seq, batch_size=8)]
+    gen = torch.Generator().manual_seed(seed)
+    inputs, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
+    first = inputs[0] if inputs else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    if first is None:
+        return [Inputs(inputs, kwargs)]
+    per = max(1, first.numel() if first.dtype in (torch.long, torch.int) else first.shape[0] * (first.shape[1] if first.dim() > 2 else 1))
+    n = max(1, min(64, math.ceil(num_tokens / per)))
+    vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
+    out = []
+    for _ in range(n):
+        def fresh(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if t.dtype in (torch.long, torch.int) and vocab:
+                return torch.randint(0, vocab, t.shape, generator=gen, dtype=t.dtype)
+            if t.is_floating_point():
+                return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            return t
+        out.append(Inputs(tuple(fresh(t) for t in inputs), {k: fresh(v) for k, v in kwargs.items()}))
+    return out
+
+
+def _tokenizer(source: dict):
+    if not source or source.get("kind") not in ("gguf", "hf_dir"):
+        return None
+    try:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        path = Path(source["path"])
+        if source["kind"] == "gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None
+
+
+def layer_cost(layer, ratio: float):
+    """``(parameters, FLOPs per token)`` of a MoE layer at activation ratio ``ratio`` (the
+    fraction of expert groups used; multiply-adds count 2, activations not counted)."""
+    params = sum(p.numel() for p in layer.parameters())
+    mats = 3 if layer.glu else 2
+    d = layer.d_model
+    if hasattr(layer.config, "threshold"):
+        E, S, h = layer.config.num_experts, layer.config.num_shared, layer.expert_hidden
+        flops = 2 * d * E + ratio * (E + S) * 2 * mats * d * h
+    else:
+        c = layer.config
+        ds, h = layer.slice_dim, layer.expert_hidden
+        flops = c.num_slices * (2 * (ds * c.router_hidden + c.router_hidden * c.num_experts) + c.top_k * 2 * mats * ds * h)
+    return params, int(flops)
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def summary_table(model, report) -> str:
+    """The closing table of ``moefx convert`` and ``moefx demo``."""
+    entries = model.moefx_recipe["layers"]
+    by_name = {r.name: r for r in report.layers}
+    rows = [f"{'layer':<34} {'kind':<8} {'params dense':>12} {'params moe':>10} {'FLOPs/tok dense':>15} "
+            f"{'FLOPs/tok moe':>13} {'act':>6} {'rel err':>8} {'cos':>7}"]
+    rows.append("-" * len(rows[0]))
+    tot = [0, 0, 0, 0]
+    for e in entries:
+        layer = model.get_submodule(e["target"]) if e["target"] else model
+        r = by_name.get(e["target"])
+        ratio = r.ratio_after if r else 1.0
+        params, flops = layer_cost(layer, ratio)
+        tot[0] += e["dense_params"]; tot[1] += params; tot[2] += e["dense_flops_per_token"]; tot[3] += flops
+        rows.append(f"{e['target'][-34:]:<34} {e['kind']:<8} {_fmt(e['dense_params']):>12} {_fmt(params):>10} "
+                    f"{_fmt(e['dense_flops_per_token']):>15} {_fmt(flops):>13} {ratio:>6.3f} "
+                    f"{(r.rel_err_after if r else float('nan')):>8.4f} {(r.cos_after if r else float('nan')):>7.4f}")
+    rows.append("-" * len(rows[0]))
+    mean_act = report.mean("ratio_after") if report.layers else float("nan")
+    mean_err = report.mean("rel_err_after") if report.layers else float("nan")
+    rows.append(f"{f'total: {len(entries)} layers converted':<34} {'':<8} {_fmt(tot[0]):>12} {_fmt(tot[1]):>10} "
+                f"{_fmt(tot[2]):>15} {_fmt(tot[3]):>13} {mean_act:>6.3f} {mean_err:>8.4f}")
+    return "\n".join(rows)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..config import ConfigError
+    from ..models import ModelLoadError, load_model
+    from . import calibrate, convert
+    from .io import save
+    from .rewrite import ConversionError
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.force:
+        print(f"moefx convert: {out} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:
+        cfg = _configs(args)
+    except ConfigError as err:
+        print(f"moefx convert: {err}", file=sys.stderr)
+        return 2
+    if args.target_ratio is not None and not args.calibrate_tokens:
+        print("moefx convert: --target-ratio needs --calibrate-tokens N (the routers are rescaled on data)", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_model(args.model)
+    except ModelLoadError as err:
+        print(f"moefx convert: {err}", file=sys.stderr)
+        return 2
+    print(f"loaded {type(loaded.model).__name__} from {args.model}", flush=True)
+    batches = calibration_batches_for(loaded, args.calibrate_tokens) if args.calibrate_tokens else None
+    try:
+        model = convert(loaded.model, cfg, loaded.example_inputs, loaded.example_kwargs,
+                        calibration_batches=batches[:2] if batches else None, source=loaded.source)
+    except (ConversionError, ConfigError) as err:
+        print(f"moefx convert: {err}", file=sys.stderr)
+        return 1
+    print(f"converted {len(model.moefx_recipe['layers'])} FFN blocks to {args.to}", flush=True)
+    if batches:
+        kw = {} if args.steps is None else {"steps": args.steps}
+        report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)
+    else:
+        from .calibrate import Inputs
+
+        report = calibrate(model, [Inputs(loaded.example_inputs, loaded.example_kwargs)],
+                           fit_router=False, fit_experts=False, progress=False, verbose=False)
+    save(model, out, source=loaded.source, overwrite=args.force)
+    print(summary_table(model, report))
+    print(f"saved to {out}")
+    return 0

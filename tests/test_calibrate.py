@@ -1,0 +1,111 @@
+"""Layer-wise calibration: routing arithmetic matches the layer, target ratios are hit, fitted
+routers and expert refits lower the error, activations spill to disk without changing results."""
+import copy
+
+import pytest
+import torch
+
+import moefx
+from moefx.config import SliceMoEConfig, XMoEConfig
+from moefx.convert.calibrate import Inputs, moe_layers
+from moefx.convert.functional import layer_mask, masked_forward, select_mask
+
+from zoo import ZOO
+
+
+def batches(n=4, seq=16, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (2, seq), generator=g) for _ in range(n)]
+
+
+def converted(cfg, name="llama"):
+    model, inputs, kwargs = ZOO[name]()
+    return moefx.convert(model, cfg, inputs, kwargs, calibration_batches=batches(2)), inputs
+
+
+def test_select_mask_matches_the_layer_routing():
+    model, _ = converted(XMoEConfig(num_experts=6, threshold=0.7))
+    layer = model.model.layers[0].mlp
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(50, 16)
+    idx, _, _ = layer.route(x)
+    ref = torch.zeros(50, 6, dtype=torch.bool)
+    for t in range(50):
+        for e in idx[t].tolist():
+            if e >= 0:
+                ref[t, e] = True
+    assert torch.equal(layer_mask(layer, x), ref)
+    with torch.no_grad():
+        torch.testing.assert_close(masked_forward(layer, x, ref), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_select_mask_rule_examples():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]])
+    assert select_mask(p, 0.75).tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert select_mask(p, 0.0).sum(1).tolist() == [1, 1]
+    assert select_mask(p, 1.0).all()
+    assert select_mask(p, None, top_k=3).sum(1).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_target_ratio_is_reached_and_fitting_beats_centroid(ratio, capsys):
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    base, _ = converted(cfg)
+    centroid = copy.deepcopy(base)
+    ref = moefx.calibrate(centroid, batches(), target_ratio=ratio, fit_router=False, fit_experts=False, verbose=False)
+    rep = moefx.calibrate(base, batches(), target_ratio=ratio)
+    captured = capsys.readouterr()
+    assert "relerr before" in captured.out and "mean" in captured.out
+    assert "calibrating layers" in captured.err
+    for r, c in zip(rep.layers, ref.layers):
+        assert abs(r.ratio_after - ratio) < 0.12
+        assert r.rel_err_after < c.rel_err_after
+
+
+def test_unit_threshold_one_keeps_dense_before_calibration():
+    model, _ = converted(XMoEConfig(num_experts=4, threshold=1.0))
+    rep = moefx.calibrate(model, batches(2), fit_router=False, fit_experts=False, verbose=False, progress=False)
+    for r in rep.layers:
+        assert r.rel_err_before < 1e-6 and r.ratio_before == 1.0
+
+
+def test_spilling_to_disk_gives_the_same_result():
+    cfg = XMoEConfig(num_experts=4, threshold=0.9, router="fitted")
+    a, _ = converted(cfg)
+    b = copy.deepcopy(a)
+    moefx.calibrate(a, batches(), target_ratio=0.5, verbose=False, progress=False)
+    moefx.calibrate(b, batches(), target_ratio=0.5, verbose=False, progress=False, spill_bytes=1)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na
+
+
+def test_slicemoe_calibration_lowers_the_error():
+    model, _ = converted(SliceMoEConfig(num_slices=4, num_experts=8, top_k=2))
+    rep = moefx.calibrate(model, batches(), steps=60, verbose=False, progress=False)
+    for r in rep.layers:
+        assert r.rel_err_after < 0.8 * r.rel_err_before
+    assert all(getattr(m, "moefx_teacher", None) is None for m in moe_layers(model).values())
+
+
+def test_calibrate_without_moe_layers_is_a_clear_error():
+    model, _, _ = ZOO["llama"]()
+    with pytest.raises(ValueError, match="no converted MoE layer.*moefx.convert"):
+        moefx.calibrate(model, batches(1))
+
+
+def test_inputs_forms():
+    t = torch.zeros(1, 2, dtype=torch.long)
+    assert Inputs.of(t).args == (t,)
+    assert Inputs.of({"input_ids": t}).kwargs == {"input_ids": t}
+    assert Inputs.of((t, t)).args == (t, t)
+
+
+def test_training_forward_of_slicemoe_matches_the_layer():
+    from moefx.convert.calibrate import slicemoe_forward
+
+    model, _ = converted(SliceMoEConfig(num_slices=4, num_experts=8, top_k=2))
+    layer = model.model.layers[0].mlp
+    x = torch.randn(20, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(slicemoe_forward(layer, x), layer(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,65 @@
+"""`moefx convert`: end to end on a config-only tiny model, summary table, refusals."""
+import json
+import os
+
+import pytest
+
+from moefx.cli import main
+
+
+@pytest.fixture()
+def tiny_config(tmp_path):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    cfg.save_pretrained(tmp_path / "cfg")
+    return str(tmp_path / "cfg" / "config.json")
+
+
+def test_convert_xmoe_with_calibration_writes_a_loadable_model(tiny_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--shared", "1",
+                 "--calibrate-tokens", "64", "--target-ratio", "0.6", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "total: 2 layers converted" in text and "FLOPs/tok moe" in text and "rel err" in text
+    recipe = json.load(open(out / "recipe.json"))
+    assert recipe["layers"][0]["config"]["router"] == "fitted"
+    import moefx
+
+    model = moefx.load(str(out))
+    assert type(model.model.layers[1].mlp).__name__ == "XMoE"
+
+
+def test_convert_refuses_existing_dir_without_force(tiny_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["convert", tiny_config, "--to", "slicemoe", "--slices", "4", "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert os.listdir(out) == []
+    assert main(["convert", tiny_config, "--to", "slicemoe", "--slices", "4", "--out", str(out), "--force"]) == 0
+    assert (out / "recipe.json").exists()
+
+
+def test_slices_not_dividing_d_model_is_a_clear_error(tiny_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", tiny_config, "--to", "slicemoe", "--slices", "5", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "num_slices=5 does not divide d_model=16" in err and "model.layers.0.mlp" in err
+    assert not out.exists()
+
+
+def test_threshold_out_of_range_is_refused(tiny_config, tmp_path, capsys):
+    assert main(["convert", tiny_config, "--to", "xmoe", "--threshold", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "threshold must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_model_without_ffn_writes_nothing(tmp_path, capsys, monkeypatch):
+    mod = tmp_path / "noffn_models.py"
+    mod.write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(8, 3)), (torch.randn(2, 8),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    assert main(["convert", "noffn_models:build", "--to", "xmoe", "--out", str(out)]) == 1
+    assert "no dense FFN block found" in capsys.readouterr().err
+    assert not out.exists()

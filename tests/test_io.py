@@ -1,0 +1,87 @@
+"""Save/load round trips (safetensors + JSON recipe) and atomic, non-clobbering saves."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.fx as fx
+
+import moefx
+from moefx.capture import prepare_kwargs
+from moefx.config import SliceMoEConfig, XMoEConfig
+
+from test_convert_xmoe import run
+from zoo import ZOO
+
+
+def test_hf_round_trip_is_bitwise(tmp_path):
+    model, inputs, kwargs = ZOO["gpt2"]()
+    out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=0.5, num_shared=1), inputs, kwargs)
+    with torch.no_grad():
+        out.transformer.h[0].mlp.router.weight.mul_(3.0)  # a change only the weights file knows
+    path = moefx.save(out, str(tmp_path / "m"))
+    recipe = json.load(open(os.path.join(path, "recipe.json")))
+    assert recipe["base"]["kind"] == "hf" and recipe["layers"][0]["partition"]
+    back = moefx.load(path)
+    assert type(back) is type(out)
+    assert torch.equal(back.transformer.h[0].mlp.router.weight, out.transformer.h[0].mlp.router.weight)
+    assert torch.equal(back.transformer.h[0].mlp.moefx_partition, out.transformer.h[0].mlp.moefx_partition)
+    assert torch.equal(run(back, inputs, kwargs), run(out, inputs, kwargs))
+
+
+def test_slicemoe_and_chain_round_trip(tmp_path):
+    model, inputs, kwargs = ZOO["bert"]()
+    out = moefx.convert(model, SliceMoEConfig(num_slices=4, num_experts=4, top_k=2), inputs, kwargs)
+    back = moefx.load(moefx.save(out, str(tmp_path / "b")))
+    assert isinstance(back.encoder.layer[0].output.dense, torch.nn.Identity)
+    assert torch.equal(run(back, inputs, kwargs), run(out, inputs, kwargs))
+
+
+def test_graph_module_round_trip_through_source(tmp_path):
+    model, inputs, kwargs = ZOO["functional_mlp"]()
+    out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=0.5), inputs, kwargs)
+    assert isinstance(out, fx.GraphModule)
+    with pytest.raises(ValueError, match="no source is known"):
+        moefx.save(out, str(tmp_path / "g0"))
+    assert not (tmp_path / "g0").exists()
+    path = moefx.save(out, str(tmp_path / "g"), source={"kind": "factory", "factory": "zoo:functional_mlp"})
+    back = moefx.load(path)
+    assert isinstance(back, fx.GraphModule)
+    assert torch.equal(back(*inputs), out(*inputs))
+
+
+def test_existing_directory_is_not_overwritten_without_flag(tmp_path):
+    model, inputs, kwargs = ZOO["llama"]()
+    out = moefx.convert(model, XMoEConfig(num_experts=4), inputs, kwargs)
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--force"):
+        moefx.save(out, str(dest))
+    assert (dest / "keep.txt").read_text() == "user data"
+    moefx.save(out, str(dest), overwrite=True)
+    assert not (dest / "keep.txt").exists() and (dest / "recipe.json").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_crash_mid_save_leaves_nothing_loadable(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, inputs, kwargs = ZOO["llama"]()
+    out = moefx.convert(model, XMoEConfig(num_experts=4), inputs, kwargs)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        moefx.save(out, str(tmp_path / "m"))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="not a saved moefx model"):
+        moefx.load(str(tmp_path / "m"))
+
+
+def test_save_refuses_an_unconverted_model(tmp_path):
+    with pytest.raises(ValueError, match="carries no moefx recipe"):
+        moefx.save(torch.nn.Linear(2, 2), str(tmp_path / "x"))
