@@ -1,10 +1,20 @@
 """`moefx convert`: end to end on a config-only tiny model, summary table, refusals."""
+import torch
 import json
 import os
 
 import pytest
 
 from moefx.cli import main
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 @pytest.fixture()

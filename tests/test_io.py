@@ -14,6 +14,15 @@ from moefx.config import SliceMoEConfig, XMoEConfig
 from test_convert_xmoe import run
 from zoo import ZOO
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def test_hf_round_trip_is_bitwise(tmp_path):
     model, inputs, kwargs = ZOO["gpt2"]()

@@ -92,6 +92,21 @@ def test_moe_ffn_matches_reference_float64(activation, glu, bias, gate_input, re
     torch.testing.assert_close(got, call(R.moe_ffn_reference, x, idx, unit, p, activation, gate_input), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("gate_input", [False, True])
+def test_unused_slots_do_not_mask_expert_zero(gate_input, regime):
+    """A -1 slot must not cancel a real choice of expert 0 in the same row (all paths)."""
+    T, K = regime
+    E, h, d = 5, 6, 8
+    p = expert_weights(E, h, d, False, True)
+    idx = torch.full((T, K), -1)
+    idx[:, 0] = 0
+    idx[-1, -1] = 3 if K > 1 else 0
+    weight = torch.where(idx >= 0, torch.rand(T, K, dtype=torch.float64) + 0.1, torch.zeros(T, K, dtype=torch.float64))
+    x = torch.randn(T, d, dtype=torch.float64)
+    got = call(ops.moe_ffn, x, idx, weight, p, "gelu", gate_input)
+    torch.testing.assert_close(got, call(R.moe_ffn_reference, x, idx, weight, p, "gelu", gate_input))
+
+
 def test_regime_shapes_pick_the_intended_path(monkeypatch):
     seen = []
     for name in ("_moe_ffn_pairs", "_moe_ffn_all_experts"):

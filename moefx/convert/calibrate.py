@@ -211,14 +211,20 @@ def _errors(y: torch.Tensor, target: torch.Tensor):
 
 
 def layer_output(layer, x2d: torch.Tensor):
-    """The layer's own forward output and its activation ratio on ``x2d`` (chunked)."""
+    """The layer's output (inference semantics, computed by the plain-PyTorch functional forms
+    that tests check against the layer's own forward) and its activation ratio on ``x2d``."""
     outs, ratios = [], []
     for s in range(0, x2d.shape[0], 4096):
         xb = x2d[s : s + 4096]
-        outs.append(layer(xb.unsqueeze(0)).reshape(xb.shape[0], -1).float())
         if is_xmoe(layer):
-            ratios.append(activation_ratio(layer_mask(layer, xb), layer.config.num_shared) * xb.shape[0])
+            mask = layer_mask(layer, xb)
+            if layer.combine == "unit" and layer.config.capacity_factor is None:
+                outs.append(masked_forward(layer, xb, mask).float())
+            else:
+                outs.append(layer(xb.unsqueeze(0)).reshape(xb.shape[0], -1).float())
+            ratios.append(activation_ratio(mask, layer.config.num_shared) * xb.shape[0])
         else:
+            outs.append(slicemoe_forward(layer, xb).float())
             ratios.append(min(1.0, layer.config.top_k * layer.config.hidden_for(layer.d_ff) / layer.d_ff) * xb.shape[0])
     return torch.cat(outs), sum(ratios) / x2d.shape[0]
 

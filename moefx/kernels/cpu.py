@@ -1,12 +1,16 @@
 """The fast PyTorch path of the moefx ops (CPU, and any device without a dedicated kernel).
 
 Expert dispatch is sort-based: the (row, slot) pairs are ordered by expert once (a stable sort
-of the flattened expert ids), the input rows are gathered once into a contiguous buffer, each
-expert multiplies one contiguous segment of it, and the outputs are scattered back with one
-``index_add_``. Work is proportional to the experts actually chosen; nothing loops over tokens
-in Python, only over the (few) experts. Routing weights are folded into the gathered rows
-(input gating) or into the expert outputs in place (output gating), and the all-ones weights of
-XMoE's ``combine="unit"`` skip that multiply entirely.
+of the flattened expert ids); then, expert by expert and in cache-sized chunks, its rows are
+gathered into a reused contiguous buffer, multiplied by both GEMMs with the activation applied in
+place, and added back into the output with ``index_add_``. Work is proportional to the experts
+actually chosen; nothing loops over tokens in Python, only over the (few) experts. Routing
+weights are folded into the gathered rows (input gating) or into the expert outputs in place
+(output gating), and the all-ones weights of XMoE's ``combine="unit"`` skip that multiply.
+Decode-sized calls take one of two small-shape paths instead (see :func:`moe_ffn`).
+
+The backward (:func:`moe_ffn_backward`) uses the same grouping and recomputes each expert's
+hidden activations instead of saving them.
 """
 from __future__ import annotations
 
@@ -136,7 +140,7 @@ def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input:
     if idx.numel() <= E:
         return _moe_ffn_pairs(y, x, idx, None if unit else weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
     if N * E <= ALL_EXPERTS_MAX_ROWS:
-        return _moe_ffn_all_experts(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
+        return _moe_ffn_all_experts(x, idx, None if unit else weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
     groups = group_by_expert(idx, E)
     M = groups.pairs.numel()
     if M == 0:
@@ -208,18 +212,22 @@ def _moe_ffn_pairs(y, x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_i
 
 def _moe_ffn_all_experts(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input):
     """Few rows, many experts touched (decode with large K, SliceMoE at T=1, XMoE at T=16):
-    every expert runs on every row as ``[E, N, ·]`` batched matmuls, and a dense ``[N, E]``
-    combine matrix (the routing weight, or 1, where chosen; 0 elsewhere) keeps exactly the
-    chosen outputs. Unchosen experts see finite inputs and are multiplied by an exact zero."""
+    every expert runs on every row as ``[E, N, ·]`` batched matmuls, the outputs of unchosen
+    (expert, row) combinations are zeroed (``masked_fill``, so that an unchosen expert that
+    overflowed in low precision cannot leak a NaN), and the rest are scaled and summed over
+    experts. ``weight=None`` means all-ones weights (no multiply)."""
     N, d = x.shape
     E = w1.shape[0]
     valid = idx >= 0
     safe = torch.where(valid, idx, torch.zeros_like(idx))
-    w = weight.to(x.dtype) * valid.to(x.dtype)
-    combine = torch.zeros((N, E), dtype=x.dtype, device=x.device).scatter_add_(1, safe, w)
-    if gate_input:
-        xe = combine.t().unsqueeze(-1) * x.unsqueeze(0)
-        combine = torch.zeros((N, E), dtype=x.dtype, device=x.device).scatter_add_(1, safe, valid.to(x.dtype))
+    hits = torch.zeros((N, E), dtype=x.dtype, device=x.device).scatter_add_(1, safe, valid.to(x.dtype))
+    scale = None
+    if weight is not None:
+        w = torch.where(valid, weight.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+        scale = torch.zeros((N, E), dtype=x.dtype, device=x.device).scatter_add_(1, safe, w).t().unsqueeze(-1)
+    if gate_input and scale is not None:
+        xe = scale * x.unsqueeze(0)
+        scale = None
     else:
         xe = x.unsqueeze(0).expand(E, N, d)
     hid = torch.bmm(xe, w1.transpose(1, 2)) if b1 is None else torch.baddbmm(b1.unsqueeze(1), xe, w1.transpose(1, 2))
@@ -227,7 +235,10 @@ def _moe_ffn_all_experts(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gat
     if w3 is not None:
         hid.mul_(torch.bmm(xe, w3.transpose(1, 2)) if b3 is None else torch.baddbmm(b3.unsqueeze(1), xe, w3.transpose(1, 2)))
     out = torch.bmm(hid, w2.transpose(1, 2)) if b2 is None else torch.baddbmm(b2.unsqueeze(1), hid, w2.transpose(1, 2))
-    return out.mul_(combine.t().unsqueeze(-1)).sum(0)
+    out.masked_fill_((hits == 0).t().unsqueeze(-1), 0)
+    if scale is not None:
+        out.mul_(scale)
+    return out.sum(0)
 
 
 def moe_ffn_backward(grad, x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input: bool):
