@@ -32,7 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=0, help="Adam steps per layer after the closed-form fit")
     ap.add_argument("--slicemoe", action="store_true", help="also convert to SliceMoE (S=8, E=16, k=2)")
-    ap.add_argument("--slicemoe-steps", type=int, default=100)
+    ap.add_argument("--slicemoe-steps", type=int, default=30)
+    ap.add_argument("--slicemoe-batch", type=int, default=256)
+    ap.add_argument("--no-xmoe", action="store_true", help="skip the XMoE rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     matches = moefx.find_ffns(dense, loaded.example_inputs, loaded.example_kwargs)
     rows = []
-    runs = [("xmoe", r) for r in args.ratios] + ([("slicemoe", None)] if args.slicemoe else [])
+    runs = [("xmoe", r) for r in ([] if args.no_xmoe else args.ratios)] + ([("slicemoe", None)] if args.slicemoe else [])
     for kind, ratio in runs:
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
@@ -68,8 +70,9 @@ def main(argv=None) -> int:
         model = moefx.convert(model, cfg, loaded.example_inputs, loaded.example_kwargs,
                               calibration_batches=cal[:2], matches=_rebind(matches, model))
         t1 = time.perf_counter()
-        rep = moefx.calibrate(model, cal, target_ratio=ratio,
-                              steps=args.steps if kind == "xmoe" else args.slicemoe_steps, verbose=False)
+        rep = moefx.calibrate(model, cal, target_ratio=ratio, verbose=False,
+                              steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
+                              batch=1024 if kind == "xmoe" else args.slicemoe_batch)
         t2 = time.perf_counter()
         ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
         act = rep.mean("ratio_after")

@@ -12,6 +12,7 @@ from moefx.convert.functional import layer_mask, masked_forward, select_mask
 
 from zoo import ZOO
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
@@ -19,7 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def batches(n=4, seq=16, vocab=64, seed=0):

@@ -1,11 +1,12 @@
 """`moefx convert`: end to end on a config-only tiny model, summary table, refusals."""
-import torch
 import json
 import os
 
 import pytest
+import torch
 
 from moefx.cli import main
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -14,7 +15,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ from moefx.convert.rewrite import ConversionError
 
 from zoo import EXPECTED, ZOO
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
@@ -20,7 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def first_tensor(out):
@@ -151,3 +151,21 @@ def test_partition_and_recipe_are_recorded():
     groups = layer.moefx_partition
     assert groups.shape == (5, layer.expert_hidden)
     assert sorted(groups[groups >= 0].tolist()) == list(range(40))
+
+
+def test_to_xmoe_pass_runs_in_the_pass_manager_and_is_exact():
+    from moefx.capture import capture
+    from moefx.passes.manager import PassManager
+    from moefx.passes.to_xmoe import ToXMoE
+
+    model, inputs, kwargs = ZOO["functional_mlp"]()
+    gm = capture(model, inputs, kwargs)
+    with torch.no_grad():
+        ref = gm(*inputs)
+    p = ToXMoE(XMoEConfig(num_experts=4, threshold=1.0), model=model)
+    res = PassManager([p]).run(gm)
+    assert res.modified and len(p.converted) == 1
+    targets = [n.target for n in res.graph_module.graph.nodes if n.op == "call_module"]
+    assert next(iter(p.converted)) in targets
+    with torch.no_grad():
+        torch.testing.assert_close(res.graph_module(*inputs), ref, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,9 @@
 """`moefx demo` in its fast smoke form: a tiny config-only model through the whole pipeline."""
 import pytest
 import torch
+
 from moefx.cli import main
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -10,7 +12,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def test_demo_smoke_prints_perplexities_and_summary(tmp_path, capsys):

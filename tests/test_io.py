@@ -1,5 +1,4 @@
 """Save/load round trips (safetensors + JSON recipe) and atomic, non-clobbering saves."""
-import copy
 import json
 import os
 
@@ -8,11 +7,11 @@ import torch
 import torch.fx as fx
 
 import moefx
-from moefx.capture import prepare_kwargs
 from moefx.config import SliceMoEConfig, XMoEConfig
 
 from test_convert_xmoe import run
 from zoo import ZOO
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -21,7 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def test_hf_round_trip_is_bitwise(tmp_path):

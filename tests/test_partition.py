@@ -8,6 +8,7 @@ from moefx.config import ConfigError
 from moefx.convert.dense import DenseFFN
 from moefx.convert.partition import group_width, neuron_stats, partition
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
@@ -15,7 +16,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def make_dense(d=12, d_ff=48, glu=False, clusters=6):

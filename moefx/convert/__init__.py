@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import SliceMoEConfig, XMoEConfig
 from .calibrate import CalibrationReport, Inputs, calibrate
-from .rewrite import ConversionError, Placement, graph_replace, plan, select, set_submodule, unique_name
+from .rewrite import ConversionError, graph_replace, plan, select, set_submodule, unique_name
 
 __all__ = ["convert", "calibrate", "ConversionError", "CalibrationReport", "Inputs"]
 
@@ -64,9 +64,9 @@ def _collect_stats(model, gm, placements, chosen, batches, progress: bool) -> di
     if not need:
         return {}
     accs = {}
-    for p, _ in need:
+    for p, cfg in need:
         dense = DenseFFN.from_dict(p.match.dense_weights(model), p.match.activation)
-        accs[id(p.match)] = StatsAccumulator(dense)
+        accs[id(p.match)] = StatsAccumulator(dense, coactivation=cfg.split == "coactivation")
     batches = list(batches)
     if all(p.how != "graph" for p, _ in need):
         hooks = []

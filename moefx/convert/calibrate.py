@@ -11,10 +11,11 @@ XMoE (``combine="unit"``):
      (router.py); with ``target_ratio`` the router is rescaled so the configured threshold
      keeps that fraction of the FFN's expert groups (shared groups count as always kept).
   2. experts: under the routing now fixed, the down projections of all groups (and the
-     output bias) are refit in closed form by ridge regression onto the dense output. A
-     dropped expert's contribution is partly re-expressed by the kept ones; this is the step
-     that turns a 1.4x-perplexity oracle split into a usable model. Optionally ``steps`` Adam
-     steps then refine every expert weight (selection held fixed: it is not differentiable).
+     output bias) are refit in closed form by ridge regression onto the dense output, the
+     ridge pulling toward the converted weights. A dropped expert's contribution is partly
+     re-expressed by the kept ones (a few percent of relative error on SmolLM2; see
+     bench/results-quality.md). Optionally ``steps`` Adam steps then refine every expert
+     weight (selection held fixed: it is not differentiable).
 SliceMoE: ``steps`` Adam steps of the whole layer (router included: its probabilities gate
   the expert inputs, so it does get gradients) on the MSE to the dense output.
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import activation_ratio, expert_output_norms, layer_mask, masked_forward, router_probs
+from .functional import activation_ratio, expert_output_norms, layer_mask, masked_forward
 from .rewrite import set_mode
 from .router import calibrate_scale, fit_router
 
@@ -357,6 +358,7 @@ def calibrate_layer(
     steps: int = 0,
     lr: Optional[float] = None,
     ridge: float = 1.0,
+    batch: int = 1024,
     name: str = "",
 ) -> LayerReport:
     t0 = time.perf_counter()
@@ -381,9 +383,9 @@ def calibrate_layer(
             with torch.no_grad():
                 mask = torch.cat([layer_mask(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
             refit_down(layer, x2d, target, mask, ridge=ridge)
-            finetune(layer, x2d, target, steps, lr or 1e-4)
+            finetune(layer, x2d, target, steps, lr or 1e-4, batch=batch)
     elif fit_experts:
-        finetune(layer, x2d, target, steps or 200, lr or 1e-3)
+        finetune(layer, x2d, target, steps or 200, lr or 1e-3, batch=batch)
     with torch.no_grad():
         y1, r1 = layer_output(layer, x2d)
     rep.rel_err_after, rep.cos_after = _errors(y1, target)
@@ -407,6 +409,7 @@ def calibrate(
     steps: int = 0,
     lr: Optional[float] = None,
     ridge: float = 1.0,
+    batch: int = 1024,
     spill_bytes: int = 512 << 20,
     progress: bool = True,
     verbose: bool = True,
@@ -419,7 +422,8 @@ def calibrate(
     token computes, shared included); None keeps the router's scale. ``fit_router`` (default:
     the config's ``router == "fitted"``) trains XMoE routers; ``fit_experts=False`` leaves the
     expert weights alone. ``steps``: Adam steps per layer after the closed-form refit (XMoE,
-    default 0) or in all (SliceMoE, default 200). Prints a progress bar and, with
+    default 0) or in all (SliceMoE, default 200), on ``batch`` random calibration tokens
+    each. Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     """
     from tqdm.auto import tqdm
@@ -439,8 +443,8 @@ def calibrate(
     report = CalibrationReport()
     try:
         with torch.no_grad(), dense_mode(layers):
-            for batch in tqdm(list(batches), desc="recording dense activations", disable=not progress):
-                run_batch(model, batch)
+            for inputs in tqdm(list(batches), desc="recording dense activations", disable=not progress):
+                run_batch(model, inputs)
         for h in hooks:
             h.remove()
         hooks = []
@@ -453,7 +457,7 @@ def calibrate(
                 target = torch.cat([dense_forward(layer, x[s : s + 4096]).float() for s in range(0, x.shape[0], 4096)])
             rep = calibrate_layer(
                 layer, x, target, target_ratio=target_ratio, fit_router=fit_router, fit_experts=fit_experts,
-                router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, name=name,
+                router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, batch=batch, name=name,
             )
             report.layers.append(rep)
             report.tokens = rep.tokens

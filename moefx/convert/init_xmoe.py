@@ -80,19 +80,25 @@ def build_xmoe(
     path: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """A converted XMoE layer holding ``dense``'s weights as partitioned by ``groups``."""
+    """A converted XMoE layer holding ``dense``'s weights as partitioned by ``groups``.
+
+    The router starts as the centroid router for ``router="centroid"`` and ``"fitted"`` (which
+    :func:`moefx.calibrate` then trains) and keeps its random init for ``"random"``."""
     config.validate_for(dense.d_model, dense.d_ff, path)
     has_bias = dense.b1 is not None or dense.b2 is not None or dense.b3 is not None
     cls = layer_class()
     layer = cls(config, dense.d_model, dense.d_ff, activation=dense.activation, glu=dense.glu,
                 bias=has_bias, converted=True)
     tensors = xmoe_tensors(dense, groups, config.num_shared)
-    tensors["router.weight"] = centroid_router_weight(dense, groups, config.num_shared)
+    if config.router != "random":  # "random" keeps the layer's fresh init (a baseline)
+        tensors["router.weight"] = centroid_router_weight(dense, groups, config.num_shared)
     params = dict(layer.named_parameters())
     params.update(dict(layer.named_buffers()))
     with torch.no_grad():
         for name, p in params.items():
             src = tensors.get(name)
+            if src is None and name == "router.weight":
+                continue
             if src is None:
                 if name in ("b1", "b3", "bias", "shared_b1", "shared_b3"):
                     p.zero_()

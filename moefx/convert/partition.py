@@ -44,7 +44,7 @@ class NeuronStats:
 
     tokens: int
     frequency: torch.Tensor  # [d_ff] fraction of tokens where the neuron is active
-    coactivation: torch.Tensor  # [d_ff, d_ff] fraction of tokens where both are active
+    coactivation: Optional[torch.Tensor]  # [d_ff, d_ff] fraction of tokens where both are active
     mean_contribution: torch.Tensor  # [d_ff] mean |h_i| * ||W2[:, i]||
 
 
@@ -62,11 +62,11 @@ def active_mask(score: torch.Tensor, fraction: float = ACTIVE_FRACTION) -> torch
 class StatsAccumulator:
     """Streams calibration inputs of one FFN into :class:`NeuronStats` (no activations kept)."""
 
-    def __init__(self, dense: DenseFFN, chunk: int = 2048):
+    def __init__(self, dense: DenseFFN, chunk: int = 2048, coactivation: bool = True):
         d_ff = dense.d_ff
         self.dense, self.chunk, self.n = dense, chunk, 0
         self.freq = torch.zeros(d_ff, dtype=torch.float64)
-        self.coact = torch.zeros(d_ff, d_ff, dtype=torch.float32)
+        self.coact = torch.zeros(d_ff, d_ff, dtype=torch.float32) if coactivation else None
         self.contrib = torch.zeros(d_ff, dtype=torch.float64)
 
     @torch.no_grad()
@@ -76,7 +76,8 @@ class StatsAccumulator:
             score = contribution(self.dense, x2[s : s + self.chunk])
             act = active_mask(score).float()
             self.freq += act.sum(0).double()
-            self.coact += act.t() @ act
+            if self.coact is not None:
+                self.coact += act.t() @ act
             self.contrib += score.sum(0).double()
             self.n += act.shape[0]
 
@@ -84,7 +85,8 @@ class StatsAccumulator:
         if self.n == 0:
             raise ValueError("neuron statistics got no calibration tokens")
         n = self.n
-        return NeuronStats(n, (self.freq / n).float(), self.coact / n, (self.contrib / n).float())
+        coact = None if self.coact is None else self.coact / n
+        return NeuronStats(n, (self.freq / n).float(), coact, (self.contrib / n).float())
 
 
 def neuron_stats(dense: DenseFFN, inputs: Iterable[torch.Tensor], chunk: int = 2048) -> NeuronStats:
@@ -154,7 +156,7 @@ def partition(
         labels = balanced_kmeans(feats, sizes, generator=gen)
         groups = [routed[labels == g] for g in range(num_experts)]
     elif split == "coactivation":
-        if stats is None:
+        if stats is None or stats.coactivation is None:
             raise ConfigError(
                 "split='coactivation' needs calibration data to count co-activations"
                 f"{' at module ' + repr(path) if path else ''}: pass calibration batches to "

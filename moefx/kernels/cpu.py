@@ -28,6 +28,9 @@ def xmoe_select(probs: torch.Tensor, threshold: float, top_k: int, max_experts: 
     """Sorted top-k, or SPEC §1's threshold prefix, in a handful of tensor ops."""
     T, E = probs.shape
     K = top_k if top_k > 0 else (max_experts if max_experts > 0 else E)
+    if top_k > 0 and K <= 2 and K < E and T >= TOP2_MIN_ROWS:
+        values, order = _top2(probs, K)
+        return order, values
     if K < E:
         values, order = torch.topk(probs, K, dim=-1, largest=True, sorted=True)
     else:
@@ -43,6 +46,22 @@ def xmoe_select(probs: torch.Tensor, threshold: float, top_k: int, max_experts: 
     idx = torch.where(keep, order, torch.full_like(order, -1))
     weight = torch.where(keep, values, torch.zeros_like(values))
     return idx, weight
+
+
+TOP2_MIN_ROWS = 1024
+"""Fewer rows than this take ``topk`` (one call beats two ``max`` passes there)."""
+
+
+def _top2(probs: torch.Tensor, K: int):
+    """Top-1 or top-2 by one or two ``max`` passes: half the time of ``topk`` on SliceMoE's
+    ``[T·S, E]`` router output (1.7 vs 3.4 ms at T=2048). ``max`` returns the first of equal values, so ties keep the
+    lower expert first, as in the reference."""
+    v1, i1 = probs.max(dim=-1, keepdim=True)
+    if K == 1:
+        return v1, i1
+    rest = probs.scatter(1, i1, float("-inf"))
+    v2, i2 = rest.max(dim=-1, keepdim=True)
+    return torch.cat([v1, v2], dim=1), torch.cat([i1, i2], dim=1)
 
 
 def capacity_drop(idx: torch.Tensor, weight: torch.Tensor, num_experts: int, capacity: int):
@@ -84,6 +103,11 @@ stay in cache between the first GEMM, the activation and the second GEMM (measur
 SliceMoE at T=2048, whose experts are 768 wide)."""
 
 
+NARROW_ROWS = 128
+"""Rows at most this wide (SliceMoE slices) are combined with one ``index_add_`` at the end
+instead of one per chunk (measured 4% of SliceMoE's T=2048 time; no gain for XMoE's 576)."""
+
+
 class Groups(NamedTuple):
     """(row, slot) pairs of valid routing slots, ordered by expert."""
 
@@ -113,6 +137,52 @@ def _linear_out(x, w, b, out):
     return torch.addmm(b, x, w.t(), out=out)
 
 
+ONEDNN_MIN_ROWS = 128
+"""From this many rows on, float32 GEMMs go to oneDNN (``mkldnn::_linear_pointwise``, the
+kernel inductor uses for linear layers on CPU) instead of ``addmm``'s MKL: on this project's
+AVX2 CPU (AMD EPYC) it runs SliceMoE's narrow expert GEMMs ([rows, 72] x [72, 768] and
+[rows, 768] x [768, 72]) 10-15% faster, with the bias (and the router's ReLU) fused. Below it,
+oneDNN's ~40 us of per-call setup loses to MKL (measured crossover 64-256 rows)."""
+
+
+def _find_onednn_linear():
+    try:
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def _onednn_ok(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    return (
+        _ONEDNN_LINEAR is not None
+        and a.shape[0] >= ONEDNN_MIN_ROWS
+        and a.dtype == torch.float32 and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32)
+        and a.device.type == "cpu"
+        and a.is_contiguous() and w.is_contiguous() and (b is None or b.is_contiguous())
+        and torch._C._get_mkldnn_enabled()
+    )
+
+
+def linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+           relu: bool = False) -> torch.Tensor:
+    """``a @ w.T + b`` (then ReLU in place with ``relu``), written into ``out`` when given.
+    oneDNN for large float32 calls (see :data:`ONEDNN_MIN_ROWS`; it allocates its result, so
+    ``out`` costs a copy there), MKL's ``addmm`` otherwise."""
+    if _onednn_ok(a, w, b):
+        y = _ONEDNN_LINEAR(a, w, b, "relu" if relu else "none", [], "")
+        return out.copy_(y) if out is not None else y
+    if out is not None:
+        y = _linear_out(a, w, b, out)
+    else:
+        y = torch.mm(a, w.t()) if b is None else torch.addmm(b, a, w.t())
+    return y.relu_() if relu else y
+
+
 def _gemv_out(w, v, b, out):
     """``out = w @ v + b``: a matrix-vector product (faster than a one-row matmul here)."""
     if b is None:
@@ -120,7 +190,7 @@ def _gemv_out(w, v, b, out):
     return torch.addmv(b, w, v, out=out)
 
 
-def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input: bool):
+def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input: bool, expert_views=None):
     """``moefx::moe_ffn`` forward (docs/ARCHITECTURE.md).
 
     Three regimes, picked from shapes alone: at most E (row, slot) pairs (decode): a GEMV chain
@@ -130,15 +200,18 @@ def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input:
     for all-ones weights), ``index_add_`` into the output.
     Gathering per expert (rather than all rows at once) keeps the working set of one expert in
     cache and avoids allocating (and page-faulting) ``N·K·d``-sized buffers on every call.
+    ``expert_views``: optional ``(w1, b1, w3, b3, w2, b2)`` already split per expert (each a
+    sequence indexed by expert, or None), which the decode path then need not build (a view
+    costs a microsecond or two, and a decode step wants dozens).
     """
     N, d = x.shape
     E, h, _ = w1.shape
-    y = torch.zeros_like(x)
     if N == 0 or idx.numel() == 0:
-        return y
-    unit = _is_unit(idx, weight)
+        return torch.zeros_like(x)
     if idx.numel() <= E:
-        return _moe_ffn_pairs(y, x, idx, None if unit else weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
+        return _moe_ffn_pairs(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input, expert_views)
+    y = torch.zeros_like(x)
+    unit = _is_unit(idx, weight)
     if N * E <= ALL_EXPERTS_MAX_ROWS:
         return _moe_ffn_all_experts(x, idx, None if unit else weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
     groups = group_by_expert(idx, E)
@@ -148,9 +221,15 @@ def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input:
     wg = None if unit else weight.reshape(-1).index_select(0, groups.pairs).to(x.dtype).unsqueeze(1)
     cmax = min(max(groups.counts), CHUNK_ROWS)
     xbuf = torch.empty((cmax, d), dtype=x.dtype, device=x.device)
-    ybuf = torch.empty((cmax, d), dtype=x.dtype, device=x.device)
-    hbuf = torch.empty((cmax, h), dtype=x.dtype, device=x.device)
-    ubuf = torch.empty((cmax, h), dtype=x.dtype, device=x.device) if w3 is not None else None
+    onednn = _onednn_ok(xbuf, w1[0], None if b1 is None else b1[0])  # it allocates its outputs
+    hbuf = None if onednn else torch.empty((cmax, h), dtype=x.dtype, device=x.device)
+    ubuf = torch.empty((cmax, h), dtype=x.dtype, device=x.device) if w3 is not None and not onednn else None
+    # narrow rows (SliceMoE's slices): the expert outputs go to one buffer in grouped order and
+    # are added back with a single index_add_, whose cost is per row; wide rows (XMoE): added
+    # back chunk by chunk from a reused buffer, which stays in cache
+    grouped_out = d <= NARROW_ROWS
+    out = torch.empty((M, d), dtype=x.dtype, device=x.device) if grouped_out else None
+    ybuf = None if grouped_out else torch.empty((cmax, d), dtype=x.dtype, device=x.device)
     end = 0
     for e, count in enumerate(groups.counts):
         first, end = end, end + count
@@ -160,54 +239,75 @@ def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input:
             xe = torch.index_select(x, 0, rows, out=xbuf[:c])
             if wg is not None and gate_input:
                 xe.mul_(wg[start:start + c])
-            hid = _linear_out(xe, w1[e], None if b1 is None else b1[e], hbuf[:c])
+            hid = linear(xe, w1[e], None if b1 is None else b1[e], None if hbuf is None else hbuf[:c])
             activation_(activation, hid)
             if w3 is not None:
-                hid.mul_(_linear_out(xe, w3[e], None if b3 is None else b3[e], ubuf[:c]))
-            ye = _linear_out(hid, w2[e], None if b2 is None else b2[e], ybuf[:c])
+                hid.mul_(linear(xe, w3[e], None if b3 is None else b3[e], None if ubuf is None else ubuf[:c]))
+            b2e = None if b2 is None else b2[e]
+            if grouped_out:
+                linear(hid, w2[e], b2e, out[start:start + c])
+                continue
+            ye = linear(hid, w2[e], b2e, ybuf[:c])
             if wg is not None and not gate_input:
                 ye.mul_(wg[start:start + c])
             y.index_add_(0, rows, ye)
+    if grouped_out:
+        if wg is not None and not gate_input:
+            out.mul_(wg)
+        y.index_add_(0, groups.rows, out)
     return y
 
 
-def _moe_ffn_pairs(y, x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input):
-    """The decode path for a handful of pairs: one matrix-vector product per pair and layer, written
-    into shared buffers so that the gather, gating, activation and combine are one call each
-    (an elementwise call costs a thread wake-up, tens of microseconds, whatever its size). The
-    combine is a tiny ``[N, M] @ [M, d]`` matmul whose matrix holds the routing weights."""
-    ids = idx.tolist()
-    # expert-major order: a second row of the same expert finds its weights in cache
-    pairs = sorted((e, n, j) for n, row in enumerate(ids) for j, e in enumerate(row) if e >= 0)
-    pairs = [(n, j, e) for e, n, j in pairs]
-    M = len(pairs)
-    if M == 0:
-        return y
+def _moe_ffn_pairs(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input, expert_views=None):
+    """The decode path for a handful of pairs: one matrix-vector product per pair and layer
+    (MKL's GEMV beats a one- or two-row GEMM here, and reads the weights once per pair as the
+    dense FFN reads its own). Everything else is a few calls in all, since a call costs
+    microseconds whatever its size: the routing weight rides in the GEMVs' scalars
+    (``addmv(b, W, v, alpha=p)`` is ``W (p v) + b`` for input gating; ``beta=alpha=p`` gives
+    ``p (W v + b)`` for output gating), every pair writes its output row into slot ``n·K + j``
+    of one zeroed buffer, and a sum over the K slots combines them. Slots run expert-major so
+    that a second pair of the same expert finds its weights in cache."""
+    N, K = idx.shape
     h, d = w1.shape[1], x.shape[1]
-    rows = torch.tensor([n for n, _, _ in pairs], device=x.device)
-    u = x.index_select(0, rows)
-    combine = torch.zeros((x.shape[0], M), dtype=x.dtype, device=x.device)
-    if weight is not None:
-        w = weight[rows, torch.tensor([j for _, j, _ in pairs], device=x.device)].to(x.dtype)
-        if gate_input:
-            u.mul_(w.unsqueeze(1))
-            w = torch.ones_like(w)
-    else:
-        w = torch.ones((M,), dtype=x.dtype, device=x.device)
-    combine[rows, torch.arange(M, device=x.device)] = w
+    ids = idx.tolist()
+    gates = weight.tolist()
+    pairs = sorted((e, n, j) for n, row in enumerate(ids) for j, e in enumerate(row) if e >= 0)
+    out = torch.zeros((N * K, d), dtype=x.dtype, device=x.device)
+    if not pairs:
+        return out.view(N, K, d).sum(1)
+    if expert_views is None:
+        expert_views = (w1, b1, w3, b3, w2, b2)
+    w1v, b1v, w3v, b3v, w2v, b2v = expert_views
+    glu = w3 is not None
+    M = len(pairs)
     hid = torch.empty((M, h), dtype=x.dtype, device=x.device)
-    up = torch.empty((M, h), dtype=x.dtype, device=x.device) if w3 is not None else None
-    out = torch.empty((M, d), dtype=x.dtype, device=x.device)
-    for p, (_, _, e) in enumerate(pairs):
-        _gemv_out(w1[e], u[p], None if b1 is None else b1[e], hid[p])
-        if w3 is not None:
-            _gemv_out(w3[e], u[p], None if b3 is None else b3[e], up[p])
+    up = torch.empty((M, h), dtype=x.dtype, device=x.device) if glu else None
+    xs, hs, os_ = x.unbind(0), hid.unbind(0), out.unbind(0)
+    us = up.unbind(0) if glu else None
+    zero_h = torch.zeros((h,), dtype=x.dtype, device=x.device) if b1 is None or (glu and b3 is None) else None
+    zero_d = torch.zeros((d,), dtype=x.dtype, device=x.device) if b2 is None else None
+    last = None
+    for p, (e, n, j) in enumerate(pairs):
+        if e != last:
+            last = e
+            w1e, b1e = w1v[e], zero_h if b1 is None else b1v[e]
+            if glu:
+                w3e, b3e = w3v[e], zero_h if b3 is None else b3v[e]
+        a_in = gates[n][j] if gate_input else 1.0
+        torch.addmv(b1e, w1e, xs[n], alpha=a_in, out=hs[p])
+        if glu:
+            torch.addmv(b3e, w3e, xs[n], alpha=a_in, out=us[p])
     activation_(activation, hid)
-    if w3 is not None:
+    if glu:
         hid.mul_(up)
-    for p, (_, _, e) in enumerate(pairs):
-        _gemv_out(w2[e], hid[p], None if b2 is None else b2[e], out[p])
-    return torch.mm(combine, out)
+    last = None
+    for p, (e, n, j) in enumerate(pairs):
+        if e != last:
+            last = e
+            w2e, b2e = w2v[e], zero_d if b2 is None else b2v[e]
+        g = 1.0 if gate_input else gates[n][j]
+        torch.addmv(b2e, w2e, hs[p], beta=g, alpha=g, out=os_[n * K + j])
+    return out.view(N, K, d).sum(1) if K > 1 else out
 
 
 def _moe_ffn_all_experts(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input):
