@@ -64,15 +64,6 @@ def centroid_router_weight(dense: DenseFFN, groups: torch.Tensor, num_shared: in
     return w.sum(1) / counts
 
 
-def layer_class():
-    try:
-        from moefx.layers import XMoE  # noqa: F401
-
-        return XMoE
-    except (ImportError, AttributeError):
-        return StandInXMoE
-
-
 def build_xmoe(
     dense: DenseFFN,
     config: XMoEConfig,
@@ -86,8 +77,9 @@ def build_xmoe(
     :func:`moefx.calibrate` then trains) and keeps its random init for ``"random"``."""
     config.validate_for(dense.d_model, dense.d_ff, path)
     has_bias = dense.b1 is not None or dense.b2 is not None or dense.b3 is not None
-    cls = layer_class()
-    layer = cls(config, dense.d_model, dense.d_ff, activation=dense.activation, glu=dense.glu,
+    from moefx.layers import XMoE
+
+    layer = XMoE(config, dense.d_model, dense.d_ff, activation=dense.activation, glu=dense.glu,
                 bias=has_bias, converted=True)
     tensors = xmoe_tensors(dense, groups, config.num_shared)
     if config.router != "random":  # "random" keeps the layer's fresh init (a baseline)
@@ -118,47 +110,3 @@ def build_xmoe(
 
 def _at(path):
     return f" at '{path}'" if path else ""
-
-
-class StandInXMoE(nn.Module):
-    """Private stand-in with the contract's parameter layout, used only while ``moefx.layers``
-    is absent (the layers room builds the real one); plain PyTorch, combine="unit" or "prob"."""
-
-    def __init__(self, config, d_model, d_ff, activation="gelu", glu=False, bias=True, converted=False):
-        super().__init__()
-        import math
-
-        self.config, self.d_model, self.d_ff, self.activation, self.glu = config, d_model, d_ff, activation, glu
-        self.converted = converted
-        self.combine = config.resolved_combine(converted)
-        E, S = config.num_experts, config.num_shared
-        h = self.expert_hidden = math.ceil(d_ff / (E + S))
-        self.router = nn.Linear(d_model, E, bias=False)
-        z = lambda *s: nn.Parameter(torch.zeros(*s))
-        self.w1, self.w2 = z(E, h, d_model), z(E, d_model, h)
-        self.b1 = z(E, h) if bias else None
-        self.w3 = z(E, h, d_model) if glu else None
-        self.b3 = z(E, h) if glu and bias else None
-        self.bias = z(d_model) if bias else None
-        if S:
-            Hs = S * h
-            self.shared_w1, self.shared_w2 = z(Hs, d_model), z(d_model, Hs)
-            self.shared_b1 = z(Hs) if bias else None
-            self.shared_w3 = z(Hs, d_model) if glu else None
-            self.shared_b3 = z(Hs) if glu and bias else None
-
-    def forward(self, x):
-        from .functional import expert_hidden, layer_mask, router_probs, shared_hidden
-
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        mask = layer_mask(self, x2).to(x.dtype)
-        w = mask if self.combine == "unit" else mask * router_probs(self, x2).to(x.dtype)
-        h = expert_hidden(self, x2) * w.unsqueeze(-1)
-        y = torch.einsum("teh,edh->td", h, self.w2)
-        hs = shared_hidden(self, x2)
-        if hs is not None:
-            y = y + torch.nn.functional.linear(hs, self.shared_w2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(shape)

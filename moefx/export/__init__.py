@@ -185,6 +185,19 @@ def _widen_for_trace(args, kwargs, axes_by_index):
 # ------------------------------------------------------------------ the exporter
 
 
+def _uncalled_layers(model) -> set:
+    """Paths of the MoE layers that a GraphModule holds but never calls as modules (lowered by
+    ``moefx.optimize`` or inlined by capture): they must not be swapped for the contrib op, as
+    the graph reads their parameters directly."""
+    from moefx.export import ort as ort_target
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return set()
+    called = {n.target for n in model.graph.nodes if n.op == "call_module"}
+    return {p for p, _ in ort_target.moe_layers(model)
+            if p != "<root>" and not any(p == c or p.startswith(c + ".") for c in called)}
+
+
 def _normalise_inputs(example_inputs, example_kwargs):
     if isinstance(example_inputs, torch.Tensor):
         args = (example_inputs,)
@@ -267,8 +280,11 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
+        lowered = _uncalled_layers(model)
         plans = [
-            ort_target.plan_layer(p, layer, target, accept_gelu_tanh)
+            ort_target.LayerPlan(p, type(layer).__name__, ort_target.PORTABLE, "lowered (moefx.optimize): its "
+                                 "moefx ops export in standard ONNX ops") if p in lowered
+            else ort_target.plan_layer(p, layer, target, accept_gelu_tanh)
             for p, layer in ort_target.moe_layers(model)
         ]
         approximated = any(p.approximated for p in plans)

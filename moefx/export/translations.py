@@ -216,26 +216,47 @@ def moe_ffn_portable(
         )
     gate = op.CastLike(weight, x)
     zero = _scalar_like(0.0, x)
-    rows_all, outs_all = [], []
-    for e in range(num_experts):
+
+    def expert(e: int):
         hit = op.Equal(idx, _i64_scalar(e))
-        count = op.ReduceSum(op.Cast(hit, to=INT64.dtype), _i64([1]), keepdims=0)
-        rows = op.Reshape(op.NonZero(count), _i64([-1]))
+        rows = _rows_where(op.ReduceSum(op.Cast(hit, to=INT64.dtype), _i64([1]), keepdims=0))
         g = op.Unsqueeze(op.Gather(op.ReduceSum(op.Where(hit, gate, zero), _i64([1]), keepdims=0), rows, axis=0), _i64([1]))
         xe = op.Gather(x, rows, axis=0)
         if gate_input:
             xe = op.Mul(xe, g)
-        hidden = _activation(activation, _linear(xe, w1, b1, e))
-        if w3 is not None:
-            hidden = op.Mul(hidden, _linear(xe, w3, b3, e))
-        out = _linear(hidden, w2, b2, e)
+        out = _linear(_expert_hidden(xe, e, w1, b1, w3, b3, activation), w2, b2, e)
         if not gate_input:
             out = op.Mul(out, g)
+        return rows, out
+
+    return _expert_loop(num_experts, expert, op.Shape(x), x)
+
+
+def _rows_where(mask):
+    """The indices of the nonzero entries of a 1-D mask, as a 1-D int64 tensor."""
+    return op.Reshape(op.NonZero(mask), _i64([-1]))
+
+
+def _expert_hidden(xe, e: int, w1, b1, w3, b3, activation: str):
+    """``act(w1[e] v + b1[e]) (* (w3[e] v + b3[e]))`` on the rows ``xe`` routed to expert e."""
+    hidden = _activation(activation, _linear(xe, w1, b1, e))
+    if w3 is not None:
+        hidden = op.Mul(hidden, _linear(xe, w3, b3, e))
+    return hidden
+
+
+def _expert_loop(num_experts: int, expert: Callable, shape, like):
+    """The unrolled per-expert loop: ``expert(e)`` gives ``(rows, out)`` (target rows of the
+    result and their values); every expert's rows are added into ``zeros(shape)`` (dtype of
+    ``like``) by one ``ScatterND(reduction="add")``."""
+    rows_all, outs_all = [], []
+    for e in range(num_experts):
+        rows, out = expert(e)
         rows_all.append(rows)
         outs_all.append(out)
     rows_cat = op.Unsqueeze(op.Concat(*rows_all, axis=0), _i64([1]))
     outs_cat = op.Concat(*outs_all, axis=0)
-    zeros = op.CastLike(op.ConstantOfShape(op.Shape(x)), x)
+    zeros = op.CastLike(op.ConstantOfShape(shape), like)
     return op.ScatterND(zeros, rows_cat, outs_cat, reduction="add")
 
 
@@ -338,3 +359,6 @@ def translation_table() -> dict:
 def translated_names() -> set:
     """Qualified names ("moefx::moe_ffn") of the ops that have a translation."""
     return set(_PORTABLE) | set(_EXTRA)
+
+
+from moefx.export import translations_fused as _fused  # noqa: E402,F401  (registers the lowered/fused ops)

@@ -104,8 +104,9 @@ SliceMoE at T=2048, whose experts are 768 wide)."""
 
 
 NARROW_ROWS = 128
-"""Rows at most this wide (SliceMoE slices) are combined with one ``index_add_`` at the end
-instead of one per chunk (measured 4% of SliceMoE's T=2048 time; no gain for XMoE's 576)."""
+"""Rows at most this wide (SliceMoE's slices) take :func:`_grouped_narrow`: oneDNN GEMMs and one
+combine at the end. Wider rows (XMoE's tokens) keep the MKL path with an ``index_add_`` per
+chunk, measured as fast or faster for their shapes."""
 
 
 class Groups(NamedTuple):
@@ -169,11 +170,12 @@ def _onednn_ok(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> b
 
 
 def linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
-           relu: bool = False) -> torch.Tensor:
+           relu: bool = False, onednn: Optional[bool] = None) -> torch.Tensor:
     """``a @ w.T + b`` (then ReLU in place with ``relu``), written into ``out`` when given.
-    oneDNN for large float32 calls (see :data:`ONEDNN_MIN_ROWS`; it allocates its result, so
-    ``out`` costs a copy there), MKL's ``addmm`` otherwise."""
-    if _onednn_ok(a, w, b):
+    ``onednn``: True/False forces the kernel (True only where :func:`_onednn_ok` holds);
+    None picks oneDNN for large float32 calls (see :data:`ONEDNN_MIN_ROWS`; it allocates its
+    result, so ``out`` costs a copy there), MKL's ``addmm`` otherwise."""
+    if onednn if onednn is not None else _onednn_ok(a, w, b):
         y = _ONEDNN_LINEAR(a, w, b, "relu" if relu else "none", [], "")
         return out.copy_(y) if out is not None else y
     if out is not None:
@@ -181,6 +183,26 @@ def linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: Opt
     else:
         y = torch.mm(a, w.t()) if b is None else torch.addmm(b, a, w.t())
     return y.relu_() if relu else y
+
+
+ROUTER_CHUNK_ROWS = 2048
+"""The router MLP runs over at most this many rows at a time, so that its hidden activations
+(``rows x H_r``, 2 MiB at H_r = 256) are a small, reused allocation: at T=2048 SliceMoE has
+16384 slices, and a 16 MiB buffer per call made glibc hand memory back and forth to the kernel
+(thousands of page faults, ~10 ms of system time per call, depending on the heap's history)."""
+
+
+def router_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+               b2: Optional[torch.Tensor]) -> torch.Tensor:
+    """Logits ``relu(x W1^T + b1) W2^T + b2`` of SliceMoE's router, in row chunks of
+    :data:`ROUTER_CHUNK_ROWS` (each through :func:`linear`, the ReLU fused)."""
+    n = x.shape[0]
+    if n <= ROUTER_CHUNK_ROWS:
+        return linear(linear(x, w1, b1, relu=True), w2, b2)
+    logits = torch.empty((n, w2.shape[0]), dtype=x.dtype, device=x.device)
+    for s in range(0, n, ROUTER_CHUNK_ROWS):
+        linear(linear(x[s:s + ROUTER_CHUNK_ROWS], w1, b1, relu=True), w2, b2, out=logits[s:s + ROUTER_CHUNK_ROWS])
+    return logits
 
 
 def _gemv_out(w, v, b, out):
@@ -210,26 +232,22 @@ def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input:
         return torch.zeros_like(x)
     if idx.numel() <= E:
         return _moe_ffn_pairs(x, idx, weight, w1, b1, w3, b3, w2, b2, activation, gate_input, expert_views)
-    y = torch.zeros_like(x)
     unit = _is_unit(idx, weight)
     if N * E <= ALL_EXPERTS_MAX_ROWS:
         return _moe_ffn_all_experts(x, idx, None if unit else weight, w1, b1, w3, b3, w2, b2, activation, gate_input)
     groups = group_by_expert(idx, E)
     M = groups.pairs.numel()
     if M == 0:
-        return y
+        return torch.zeros_like(x)
     wg = None if unit else weight.reshape(-1).index_select(0, groups.pairs).to(x.dtype).unsqueeze(1)
+    if d <= NARROW_ROWS:
+        return _grouped_narrow(x, groups, wg, idx.shape[1], w1, b1, w3, b3, w2, b2, activation, gate_input)
     cmax = min(max(groups.counts), CHUNK_ROWS)
     xbuf = torch.empty((cmax, d), dtype=x.dtype, device=x.device)
-    onednn = _onednn_ok(xbuf, w1[0], None if b1 is None else b1[0])  # it allocates its outputs
-    hbuf = None if onednn else torch.empty((cmax, h), dtype=x.dtype, device=x.device)
-    ubuf = torch.empty((cmax, h), dtype=x.dtype, device=x.device) if w3 is not None and not onednn else None
-    # narrow rows (SliceMoE's slices): the expert outputs go to one buffer in grouped order and
-    # are added back with a single index_add_, whose cost is per row; wide rows (XMoE): added
-    # back chunk by chunk from a reused buffer, which stays in cache
-    grouped_out = d <= NARROW_ROWS
-    out = torch.empty((M, d), dtype=x.dtype, device=x.device) if grouped_out else None
-    ybuf = None if grouped_out else torch.empty((cmax, d), dtype=x.dtype, device=x.device)
+    hbuf = torch.empty((cmax, h), dtype=x.dtype, device=x.device)
+    ubuf = torch.empty((cmax, h), dtype=x.dtype, device=x.device) if w3 is not None else None
+    ybuf = torch.empty((cmax, d), dtype=x.dtype, device=x.device)
+    y = torch.zeros_like(x)
     end = 0
     for e, count in enumerate(groups.counts):
         first, end = end, end + count
@@ -239,22 +257,64 @@ def moe_ffn(x, idx, weight, w1, b1, w3, b3, w2, b2, activation: str, gate_input:
             xe = torch.index_select(x, 0, rows, out=xbuf[:c])
             if wg is not None and gate_input:
                 xe.mul_(wg[start:start + c])
-            hid = linear(xe, w1[e], None if b1 is None else b1[e], None if hbuf is None else hbuf[:c])
+            hid = _linear_out(xe, w1[e], None if b1 is None else b1[e], hbuf[:c])
             activation_(activation, hid)
             if w3 is not None:
-                hid.mul_(linear(xe, w3[e], None if b3 is None else b3[e], None if ubuf is None else ubuf[:c]))
-            b2e = None if b2 is None else b2[e]
-            if grouped_out:
-                linear(hid, w2[e], b2e, out[start:start + c])
-                continue
-            ye = linear(hid, w2[e], b2e, ybuf[:c])
+                hid.mul_(_linear_out(xe, w3[e], None if b3 is None else b3[e], ubuf[:c]))
+            ye = _linear_out(hid, w2[e], None if b2 is None else b2[e], ybuf[:c])
             if wg is not None and not gate_input:
                 ye.mul_(wg[start:start + c])
             y.index_add_(0, rows, ye)
-    if grouped_out:
-        if wg is not None and not gate_input:
-            out.mul_(wg)
-        y.index_add_(0, groups.rows, out)
+    return y
+
+
+def _grouped_narrow(x, groups, wg, K, w1, b1, w3, b3, w2, b2, activation, gate_input):
+    """The grouped path for narrow rows (SliceMoE's slices, ``d <= NARROW_ROWS``): per expert
+    chunk, gather (and gate) its rows into a reused buffer, GEMM, activation, GEMM (oneDNN where
+    :func:`_onednn_ok` allows: 10-15% faster than MKL on these [rows, 72] x [72, h] and
+    [rows, h] x [h, 72] shapes), and copy the result into one buffer of pair outputs in grouped
+    order, combined once at the end by :func:`_combine_slots` (an ``index_add_`` per chunk
+    costs per row). Buffers stay small and are reused within the call: gathering all rows up
+    front or keeping every chunk's output alive doubled the peak memory, and made glibc return
+    memory to the kernel and fault it back in on every call (measured thousands of page faults
+    per call)."""
+    N, d = x.shape
+    M = groups.pairs.numel()
+    cmax = min(max(groups.counts), CHUNK_ROWS)
+    xbuf = torch.empty((cmax, d), dtype=x.dtype, device=x.device)
+    onednn = _onednn_ok(xbuf, w1[0], None if b1 is None else b1[0])
+    out = torch.empty((M + 1, d), dtype=x.dtype, device=x.device)
+    end = 0
+    for e, count in enumerate(groups.counts):
+        first, end = end, end + count
+        for start in range(first, end, CHUNK_ROWS):
+            c = min(CHUNK_ROWS, end - start)
+            ue = torch.index_select(x, 0, groups.rows[start:start + c], out=xbuf[:c])
+            if wg is not None and gate_input:
+                ue.mul_(wg[start:start + c])
+            dnn = onednn and c >= ONEDNN_MIN_ROWS
+            hid = linear(ue, w1[e], None if b1 is None else b1[e], onednn=dnn)
+            activation_(activation, hid)
+            if w3 is not None:
+                hid.mul_(linear(ue, w3[e], None if b3 is None else b3[e], onednn=dnn))
+            linear(hid, w2[e], None if b2 is None else b2[e], out=out[start:start + c], onednn=dnn)
+    if wg is not None and not gate_input:
+        out[:M].mul_(wg)
+    out[M].zero_()
+    return _combine_slots(out, groups.pairs, N, K)
+
+
+def _combine_slots(out, pairs, N: int, K: int):
+    """``y[n] = Σ_j out[pos(n, j)]`` where ``out`` holds the pair outputs in grouped order
+    (``pairs`` the flat slot ids ``n·K + j``) plus a trailing zero row for unused slots: K row
+    gathers and adds, cheaper than zero-filling ``y`` and an ``index_add_`` of every pair."""
+    M = pairs.numel()
+    pos = torch.full((N * K,), M, dtype=torch.long, device=out.device)
+    pos[pairs] = torch.arange(M, device=out.device)
+    pos = pos.view(N, K).t().contiguous()
+    y = out.index_select(0, pos[0])
+    for j in range(1, K):
+        y.add_(out.index_select(0, pos[j]))
     return y
 
 

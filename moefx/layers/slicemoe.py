@@ -73,6 +73,7 @@ class SliceMoE(nn.Module):
         self.b2 = _uniform((E, ds), b_out)
         self.aux_loss: Optional[torch.Tensor] = None
         self._stats_sink = None
+        self._expert_views = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -138,6 +139,29 @@ class SliceMoE(nn.Module):
             and not torch._C._are_functorch_transforms_active()
         )
 
+    def _apply(self, fn, *args, **kwargs):
+        self._expert_views = None  # views would keep the old storage alive
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_expert_views"] = None
+        return state
+
+    def expert_views(self):
+        """``(w1, b1, w3, b3, w2, b2)`` split per expert (``unbind(0)``; None where absent),
+        built once and kept while the parameters keep their storage: the decode path indexes
+        one expert's matrices dozens of times per step, and each fresh view costs ~1.5 us.
+        Dropped on ``.to()``/``.cuda()``/``.half()`` (``_apply``) and rebuilt when a parameter
+        is replaced or re-pointed (checked by data pointer, shape and strides)."""
+        params = (self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
+        key = tuple(None if p is None else (p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in params)
+        cached = self._expert_views
+        if cached is None or cached[0] != key:
+            views = tuple(None if p is None else p.detach().unbind(0) for p in params)
+            cached = self._expert_views = (key, views)
+        return cached[1]
+
     def _forward_inference(self, x2d: torch.Tensor) -> torch.Tensor:
         """:meth:`route` + :meth:`experts` with the CPU kernels of ``moefx::xmoe_select`` and
         ``moefx::moe_ffn`` called directly: the same computation, without the two custom-op
@@ -152,15 +176,16 @@ class SliceMoE(nn.Module):
         def param(p):
             return None if p is None else p.to(rd)
 
-        hidden = cpu.linear(slices.to(rd), param(lin1.weight), param(lin1.bias), relu=True)
-        probs = torch.softmax(cpu.linear(hidden, param(lin2.weight), param(lin2.bias)), dim=-1)
+        probs = torch.softmax(cpu.router_mlp(slices.to(rd), param(lin1.weight), param(lin1.bias),
+                                             param(lin2.weight), param(lin2.bias)), dim=-1)
         idx, weight = cpu.xmoe_select(probs, 0.0, cfg.top_k, 0)
         weight = weight / weight.sum(dim=-1, keepdim=True)
         if self._stats_sink is not None:
             self._stats_sink.record_slicemoe(self, probs, idx)
+        decode = idx.numel() <= cfg.num_experts  # the per-pair GEMV path of cpu.moe_ffn
         return cpu.moe_ffn(
             slices, idx, weight, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2,
-            self.activation, cfg.gate == "input",
+            self.activation, cfg.gate == "input", expert_views=self.expert_views() if decode else None,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
