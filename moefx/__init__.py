@@ -1,6 +1,6 @@
 """moefx: find the dense FFN blocks of a PyTorch model and rewrite them into Mixture-of-Experts.
 
-The public API, and nothing else, lives here. Names resolve lazily so that ``import moefx``
+The public API, and nothing else, lives here. Most names resolve lazily so that ``import moefx``
 stays cheap (no transformers, onnx or triton import until a feature needs it).
 
     ffns  = moefx.find_ffns(model, example_inputs)
@@ -17,13 +17,15 @@ from .config import ConfigError, SliceMoEConfig, XMoEConfig
 
 __version__ = "0.1.0"
 
+# ``capture`` and ``convert`` name both a function and the submodule that defines it. Importing
+# a submodule sets the package attribute to the module, so these two are bound eagerly, after
+# their modules are imported, and stay functions whatever is imported later.
+from .capture import CaptureError, capture  # noqa: E402
+from .convert import calibrate, convert  # noqa: E402
+
 _LAZY = {
-    "capture": ("moefx.capture", "capture"),
-    "CaptureError": ("moefx.capture", "CaptureError"),
     "find_ffns": ("moefx.passes.find_ffn", "find_ffns"),
     "FFNMatch": ("moefx.passes.find_ffn", "FFNMatch"),
-    "convert": ("moefx.convert", "convert"),
-    "calibrate": ("moefx.convert", "calibrate"),
     "save": ("moefx.convert.io", "save"),
     "load": ("moefx.convert.io", "load"),
     "optimize": ("moefx.passes.optimize", "optimize"),
@@ -35,7 +37,10 @@ _LAZY = {
     "passes": ("moefx.passes", None),
 }
 
-__all__ = ["ConfigError", "SliceMoEConfig", "XMoEConfig", "__version__", *_LAZY]
+__all__ = [
+    "CaptureError", "ConfigError", "SliceMoEConfig", "XMoEConfig", "__version__",
+    "calibrate", "capture", "convert", *_LAZY,
+]
 
 
 def __getattr__(name: str):

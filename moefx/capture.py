@@ -16,7 +16,6 @@ failed.
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
@@ -168,15 +167,3 @@ def capture(
             failures["torch.export.export(strict=False)" if method == "export" else
                      "moefx fx tracer (MoefxTracer)" if method == "fx" else method] = err
     raise CaptureError(model, failures)
-
-
-class _CallableModule(type(sys.modules[__name__])):
-    """``moefx.capture`` names both this module and its main function; importing the module
-    (``from moefx.capture import CaptureError``) rebinds the package attribute to the module,
-    so the module itself must be callable for ``moefx.capture(model, inputs)`` to keep working."""
-
-    def __call__(self, *args, **kwargs):
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

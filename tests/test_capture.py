@@ -92,11 +92,16 @@ def test_tracer_leaves_include_linear_conv1d_and_activations():
     assert not tracer.is_leaf_module(nn.Sequential(nn.Linear(2, 2)), "m")
 
 
-def test_moefx_capture_stays_callable_after_importing_the_module():
-    """``moefx.capture`` is both a module and the function; either binding must be callable."""
+def test_public_functions_stay_functions_after_importing_their_modules():
+    """``moefx.capture`` and ``moefx.convert`` name both a submodule and a function; importing
+    the submodules (as other code does) must not rebind the public names to modules."""
     import importlib
+    import types
 
-    importlib.import_module("moefx.capture")
+    for name in ("moefx.capture", "moefx.convert", "moefx.convert.calibrate", "moefx.convert.io"):
+        importlib.import_module(name)
+    for fn in (moefx.capture, moefx.convert, moefx.calibrate):
+        assert isinstance(fn, types.FunctionType)
     gm = moefx.capture(nn.Linear(3, 3), (torch.randn(2, 3),))
     assert isinstance(gm, torch.fx.GraphModule)
 

@@ -1,4 +1,6 @@
 """moefx.layers.SliceMoE, point by point of SPEC.md §2 and the layout of docs/ARCHITECTURE.md."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,3 +178,58 @@ def test_errors_name_the_problem():
         SliceMoE(None, 16, 32)
     with pytest.raises(ConfigError, match="activation='tanh'"):
         SliceMoE(SliceMoEConfig(num_slices=2), 16, 32, activation="tanh")
+
+
+@pytest.mark.parametrize("tokens", [1, 400])
+def test_inference_fast_path_equals_op_path_and_reference(tokens, monkeypatch):
+    """Eval + no_grad on CPU runs the ops' kernels directly (one token: 4 slices x 2 = 8 pairs
+    <= 8 experts, the per-pair GEMVs on cached expert views; 400 tokens: the narrow grouped path,
+    oneDNN GEMMs); it must agree with the op path (gradients enabled) and the reference."""
+    layer = make(dtype=torch.float32, top_k=2, num_experts=8)
+    x = torch.randn(tokens, 16)
+    used = []
+    real = SliceMoE._forward_inference
+    monkeypatch.setattr(SliceMoE, "_forward_inference", lambda self, x2d: used.append(1) or real(self, x2d))
+    via_ops = layer(x)
+    assert not used and via_ops.requires_grad
+    with torch.no_grad():
+        fast = layer(x)
+    assert used == [1]
+    torch.testing.assert_close(fast, via_ops.detach(), rtol=1e-5, atol=1e-6)
+    ref = R.slicemoe_reference(layer.double(), x.double())
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_fast_path_only_in_plain_eval_inference(monkeypatch):
+    layer = make()
+    monkeypatch.setattr(SliceMoE, "_forward_inference", lambda self, x2d: (_ for _ in ()).throw(AssertionError("fast path")))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    layer(x)  # gradients enabled: the ops, so autograd sees them
+    with torch.no_grad():
+        layer.train()(x)  # training: dropout and the capacity loss
+        layer.eval()
+        with _Passthrough():  # something intercepts the calls: it must see the ops
+            layer(x)
+        with pytest.raises(AssertionError, match="fast path"):
+            layer(x)
+
+
+def test_expert_views_follow_parameter_changes():
+    layer = make(dtype=torch.float32, num_experts=8)  # one token = 8 pairs: the decode path
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        y0 = layer(x)
+        assert layer._expert_views is not None
+        layer.w2.mul_(2)  # in place: the cached views see it
+        layer.b2.mul_(2)
+        torch.testing.assert_close(layer(x), 2 * y0)
+        layer.w1 = torch.nn.Parameter(torch.randn_like(layer.w1))  # replaced: views rebuilt
+        torch.testing.assert_close(layer(x).double(), R.slicemoe_reference(layer.double(), x.double()), rtol=1e-5, atol=1e-5)
+        assert layer._expert_views is None  # .double() (_apply) dropped them
+        layer(x.double())
+        assert layer._expert_views is not None and copy.deepcopy(layer)._expert_views is None

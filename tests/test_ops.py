@@ -233,3 +233,50 @@ def test_xmoe_select_float32_agrees_with_reference_near_the_threshold():
         got = ops.xmoe_select(probs, threshold, 0, 0)
         want = R.xmoe_select_reference(probs, threshold, 0, 0)
         assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("gate_input, glu, bias", [(True, False, True), (False, True, True), (True, True, False)])
+def test_narrow_rows_take_onednn_and_match_reference(gate_input, glu, bias, monkeypatch):
+    """SliceMoE-like narrow rows with >= ONEDNN_MIN_ROWS rows per expert: the grouped path runs
+    its GEMMs on oneDNN (when this torch has it) and stays within SPEC §3's fp32 tolerance."""
+    calls = []
+    if cpu._ONEDNN_LINEAR is not None:
+        real = cpu._ONEDNN_LINEAR
+        monkeypatch.setattr(cpu, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    T, E, h, d, K = 700, 4, 16, 8, 2
+    p64 = expert_weights(E, h, d, glu, bias)
+    idx, weight = routing(T, E, K, seed=11)
+    x = torch.randn(T, d, dtype=torch.float64)
+    want = call(R.moe_ffn_reference, x, idx, weight, p64, "gelu", gate_input)
+    p32 = {k: v.float() if v is not None else None for k, v in p64.items()}
+    got = call(ops.moe_ffn, x.float(), idx, weight.float(), p32, "gelu", gate_input)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if cpu._ONEDNN_LINEAR is not None:
+        assert calls and min(calls) >= cpu.ONEDNN_MIN_ROWS
+
+
+def test_decode_path_accepts_per_expert_views():
+    E, h, d = 5, 6, 8
+    p = expert_weights(E, h, d, True, True)
+    idx, weight = routing(2, E, 2, seed=12)
+    x = torch.randn(2, d, dtype=torch.float64)
+    views = tuple(p[k].unbind(0) if p[k] is not None else None for k in ("w1", "b1", "w3", "b3", "w2", "b2"))
+    for gate_input in (False, True):
+        got = cpu.moe_ffn(x, idx, weight, p["w1"], p["b1"], p["w3"], p["b3"], p["w2"], p["b2"], "silu", gate_input,
+                          expert_views=views)
+        want = call(R.moe_ffn_reference, x, idx, weight, p, "silu", gate_input)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_top2_by_max_matches_reference_and_breaks_ties_low_first(top_k):
+    """Many rows take the max-based top-1/top-2; equal probabilities keep the lower expert
+    first, as the reference's stable sort does."""
+    T = cpu.TOP2_MIN_ROWS + 3
+    probs = random_probs(T, 6, dtype=torch.float32, seed=13)
+    probs[:5] = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.05, 0.05])
+    probs[5:10] = torch.tensor([0.1, 0.2, 0.05, 0.3, 0.3, 0.05])
+    got = ops.xmoe_select(probs, 0.0, top_k, 0)
+    want = R.xmoe_select_reference(probs, 0.0, top_k, 0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.library.opcheck(ops.xmoe_select.default, (probs, 0.0, top_k, 0))

@@ -226,15 +226,3 @@ def _entry(m, cfg, layer, how, target, chain) -> dict:
         "dense_params": m.num_params,
         "dense_flops_per_token": m.flops_per_token,
     }
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``moefx.convert`` is both this subpackage and the public function: importing the
-    subpackage makes the attribute ``moefx.convert`` the module, shadowing the lazily resolved
-    function, so the module itself forwards calls to :func:`convert`."""
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -3,11 +3,18 @@
 Expert dispatch is sort-based: the (row, slot) pairs are ordered by expert once (a stable sort
 of the flattened expert ids); then, expert by expert and in cache-sized chunks, its rows are
 gathered into a reused contiguous buffer, multiplied by both GEMMs with the activation applied in
-place, and added back into the output with ``index_add_``. Work is proportional to the experts
-actually chosen; nothing loops over tokens in Python, only over the (few) experts. Routing
-weights are folded into the gathered rows (input gating) or into the expert outputs in place
-(output gating), and the all-ones weights of XMoE's ``combine="unit"`` skip that multiply.
-Decode-sized calls take one of two small-shape paths instead (see :func:`moe_ffn`).
+place, and added back into the output. Work is proportional to the experts actually chosen;
+nothing loops over tokens in Python, only over the (few) experts. Routing weights are folded into
+the gathered rows (input gating) or into the expert outputs (output gating), and the all-ones
+weights of XMoE's ``combine="unit"`` skip that multiply. Wide rows (XMoE tokens) use MKL GEMMs
+into reused buffers and an ``index_add_`` per chunk; narrow rows (SliceMoE slices) use oneDNN
+GEMMs and one combine at the end (:func:`_grouped_narrow`). Decode-sized calls take one of two
+small-shape paths instead (see :func:`moe_ffn`).
+
+Everything here is measured on the project's 2-core AVX2 CPU (bench/layers.py): small calls
+cost microseconds whatever their size (and a parallel one wakes the thread pool), so the
+decode paths count calls; big transient buffers churn glibc's heap, so the large-T paths keep
+them small and reused within a call.
 
 The backward (:func:`moe_ffn_backward`) uses the same grouping and recomputes each expert's
 hidden activations instead of saving them.
