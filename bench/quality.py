@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slicemoe-steps", type=int, default=30)
     ap.add_argument("--slicemoe-batch", type=int, default=256)
     ap.add_argument("--no-xmoe", action="store_true", help="skip the XMoE rows")
+    ap.add_argument("--budgets", default="sensitivity", choices=["sensitivity", "uniform"],
+                    help="per-layer activation budgets (calibrate(budgets=...))")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
         if kind == "xmoe":
             cfg = moefx.XMoEConfig(num_experts=args.experts, num_shared=args.shared, threshold=0.9,
                                    split=args.split, router="fitted")
-            label = f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router, t=0.9 rescaled"
+            label = (f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router, t=0.9 rescaled, "
+                     f"{args.budgets} budgets")
         else:
             cfg = moefx.SliceMoEConfig(num_slices=8, num_experts=16, top_k=2)
             label = "SliceMoE S=8 E=16 k=2"
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         rep = moefx.calibrate(model, cal, target_ratio=ratio, verbose=False,
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
-                              batch=1024 if kind == "xmoe" else args.slicemoe_batch)
+                              batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets)
         t2 = time.perf_counter()
         ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
         act = rep.mean("ratio_after")

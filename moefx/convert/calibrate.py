@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import activation_ratio, expert_output_norms, layer_mask, masked_forward
+from .functional import (activation_ratio, expert_hidden, expert_output_norms, layer_mask, masked_forward,
+                         select_mask, shared_hidden)
 from .rewrite import set_mode
-from .router import calibrate_scale, fit_router
+from .router import calibrate_scale, fit_router, scale_for
 
 
 def is_xmoe(m: nn.Module) -> bool:
@@ -117,8 +118,16 @@ class ActivationStore:
                 self.mem[name] = []
         self.bytes = 0
 
+    def put(self, name: str, t: torch.Tensor) -> None:
+        """Give back a tensor taken earlier (a second pass over the layers will take it again)."""
+        self.mem[name].append(t)
+        self.bytes += t.numel() * 4
+        if self.bytes > self.spill_bytes:
+            self.spill()
+
     def take(self, name: str) -> torch.Tensor:
         parts = [torch.load(p, weights_only=True) for p in self.files[name]] + self.mem[name]
+        self.bytes -= sum(t.numel() * 4 for t in self.mem[name])
         for p in self.files[name]:
             os.remove(p)
         self.files[name], self.mem[name] = [], []
@@ -181,6 +190,7 @@ class CalibrationReport:
     layers: List[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    budgets: Dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'kind':<8} {'relerr before':>13} {'after':>7} {'cos before':>10} "
@@ -394,6 +404,86 @@ def calibrate_layer(
     return rep
 
 
+BUDGET_GRID = tuple(round(0.05 * i, 2) for i in range(2, 21))
+
+
+def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID, max_tokens: int = 2048):
+    """Relative squared output error of an XMoE layer (current router, rescaled, no refit) at
+    each activation ratio of ``grid``: ``(achieved ratios, errors)``, ascending in ratio.
+
+    Why: layers differ a lot in how much they lose when routed (middle layers of SmolLM2 lose
+    2-3x more than the first and last at the same ratio), so a global budget is better spent
+    unevenly; this curve is what :func:`allocate_budgets` trades on. Measured on at most
+    ``max_tokens`` evenly spaced tokens; the router weight is left unchanged."""
+    cfg = layer.config
+    E, S = cfg.num_experts, cfg.num_shared
+    if x2d.shape[0] > max_tokens:
+        idx = torch.linspace(0, x2d.shape[0] - 1, max_tokens).long()
+        x2d, target = x2d[idx], target[idx]
+    x2d, target = x2d.float(), target.float()
+    with torch.no_grad():
+        h = expert_hidden(layer, x2d)
+        base_y = torch.zeros_like(target)
+        hs = shared_hidden(layer, x2d)
+        if hs is not None:
+            base_y = base_y + F.linear(hs, layer.shared_w2)
+        if getattr(layer, "bias", None) is not None:
+            base_y = base_y + layer.bias
+        logits = F.linear(x2d, layer.router.weight.float())
+        denom = float(target.pow(2).sum().clamp(min=1e-12))
+        points = {}
+        for r in grid:
+            routed = (r * (E + S) - S) / E
+            if routed < 1.0 / E - 1e-9:
+                continue
+            scale = scale_for(logits, cfg, routed)
+            mask = select_mask(torch.softmax(logits * scale, -1), cfg.threshold, cfg.top_k, cfg.max_experts)
+            y = base_y + torch.einsum("teh,edh->td", h * mask.unsqueeze(-1).to(h.dtype), layer.w2)
+            got = activation_ratio(mask, S)
+            points[round(got, 4)] = float((y - target).pow(2).sum()) / denom
+        points.setdefault(1.0, 0.0)
+    rs = sorted(points)
+    errs = [points[r] for r in rs]
+    for i in range(len(errs) - 2, -1, -1):  # more compute never hurts: monotone envelope
+        errs[i] = max(errs[i], errs[i + 1])
+    return rs, errs
+
+
+def allocate_budgets(curves: Dict[str, tuple], target: float) -> Dict[str, float]:
+    """Per-layer activation ratios whose mean is ``target`` (to within one grid step over the
+    number of layers; the last step is cut to hit it), chosen greedily: every layer starts at its smallest ratio and the budget
+    goes, step by step, to the layer whose error falls most per unit of ratio. Each layer's
+    error is relative (scale-free), so every layer counts alike.
+
+    If ``target`` is below what the smallest ratios allow, every layer gets its smallest."""
+    names = list(curves)
+    if not names:
+        return {}
+    pos = {n: 0 for n in names}
+    last = None
+    ratio = lambda n: curves[n][0][pos[n]]
+    total = target * len(names)
+    while sum(ratio(n) for n in names) < total - 1e-9:
+        best, gain = None, -1.0
+        for n in names:
+            rs, es = curves[n]
+            i = pos[n]
+            if i + 1 >= len(rs):
+                continue
+            g = (es[i] - es[i + 1]) / max(rs[i + 1] - rs[i], 1e-9)
+            if g > gain:
+                best, gain = n, g
+        if best is None:
+            break
+        pos[best] += 1
+        last = best
+    out = {n: ratio(n) for n in names}
+    excess = sum(out.values()) - total
+    if excess > 1e-9 and last is not None:  # the last step overshot: take back the excess
+        out[last] = max(curves[last][0][pos[last] - 1], out[last] - excess)
+    return out
+
+
 def _fit(layer, x2d, norms, steps):
     fit_router(layer, x2d, norms, steps=steps)
 
@@ -413,6 +503,7 @@ def calibrate(
     spill_bytes: int = 512 << 20,
     progress: bool = True,
     verbose: bool = True,
+    budgets: str = "sensitivity",
 ) -> CalibrationReport:
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
@@ -423,7 +514,10 @@ def calibrate(
     the config's ``router == "fitted"``) trains XMoE routers; ``fit_experts=False`` leaves the
     expert weights alone. ``steps``: Adam steps per layer after the closed-form refit (XMoE,
     default 0) or in all (SliceMoE, default 200), on ``batch`` random calibration tokens
-    each. Prints a progress bar and, with
+    each. ``budgets``: ``"sensitivity"`` (default) spends the mean ``target_ratio`` unevenly
+    over the XMoE layers, more where routing loses more (:func:`allocate_budgets`, on each
+    layer's error curve measured after its router fit); ``"uniform"`` gives every layer
+    ``target_ratio``. Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     """
     from tqdm.auto import tqdm
@@ -448,6 +542,32 @@ def calibrate(
         for h in hooks:
             h.remove()
         hooks = []
+        if budgets not in ("sensitivity", "uniform"):
+            raise ValueError(f"calibrate(budgets={budgets!r}): use 'sensitivity' or 'uniform'")
+        ratios = {n: target_ratio for n in names}
+        prefitted = set()
+        if budgets == "sensitivity" and target_ratio is not None:
+            curves = {}
+            for name in tqdm(names, desc="measuring layer sensitivity", disable=not progress):
+                layer = layers[name]
+                if not is_xmoe(layer) or layer.config.top_k is not None or layer.config.threshold in (0, 1):
+                    continue
+                x = store.take(name)
+                if x.shape[0] == 0:
+                    raise ValueError(f"no calibration tokens reached layer '{name}'")
+                with torch.no_grad():
+                    target = torch.cat([dense_forward(layer, x[s : s + 4096]).float() for s in range(0, x.shape[0], 4096)])
+                use_fitted = fit_router if fit_router is not None else layer.config.router == "fitted"
+                if use_fitted:
+                    with torch.no_grad():
+                        norms = torch.cat([expert_output_norms(layer, x[s : s + 4096]) for s in range(0, x.shape[0], 4096)])
+                    _fit(layer, x, norms, router_steps)
+                    prefitted.add(name)
+                curves[name] = error_curve(layer, x, target)
+                store.put(name, x)
+                del x, target
+            ratios.update(allocate_budgets(curves, target_ratio))
+        report.budgets = {n: ratios[n] for n in names if ratios[n] is not None}
         for name in tqdm(names, desc="calibrating layers", disable=not progress):
             layer = layers[name]
             x = store.take(name)
@@ -456,7 +576,8 @@ def calibrate(
             with torch.no_grad():
                 target = torch.cat([dense_forward(layer, x[s : s + 4096]).float() for s in range(0, x.shape[0], 4096)])
             rep = calibrate_layer(
-                layer, x, target, target_ratio=target_ratio, fit_router=fit_router, fit_experts=fit_experts,
+                layer, x, target, target_ratio=ratios[name],
+                fit_router=False if name in prefitted else fit_router, fit_experts=fit_experts,
                 router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, batch=batch, name=name,
             )
             report.layers.append(rep)

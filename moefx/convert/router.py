@@ -86,12 +86,22 @@ def calibrate_scale(
     cfg = layer.config
     if cfg.top_k is not None or cfg.threshold in (0, 0.0, 1, 1.0):
         return 1.0
-    E = cfg.num_experts
-    target = min(max(target_routed, 1.0 / E), 1.0)
     x = x2d.float()
     if x.shape[0] > 8192:
         x = x[torch.linspace(0, x.shape[0] - 1, 8192).long()]
-    base = F.linear(x, layer.router.weight.float())
+    scale = scale_for(F.linear(x, layer.router.weight.float()), cfg, target_routed, iters)
+    with torch.no_grad():
+        layer.router.weight.mul_(scale)
+    return scale
+
+
+def scale_for(base: torch.Tensor, cfg, target_routed: float, iters: int = 40) -> float:
+    """The logit scale at which the threshold rule keeps ``target_routed`` of the routed
+    experts on average over the logits ``base [T, E]`` (bisection on log-scale)."""
+    if cfg.top_k is not None or cfg.threshold in (0, 0.0, 1, 1.0):
+        return 1.0
+    E = base.shape[-1]
+    target = min(max(target_routed, 1.0 / E), 1.0)
     lo, hi = -12.0, 12.0  # log-scale bounds: fraction(lo) ~ all, fraction(hi) ~ top-1
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -100,7 +110,4 @@ def calibrate_scale(
             lo = mid
         else:
             hi = mid
-    scale = math.exp((lo + hi) / 2)
-    with torch.no_grad():
-        layer.router.weight.mul_(scale)
-    return scale
+    return math.exp((lo + hi) / 2)
