@@ -63,13 +63,40 @@ def test_target_ratio_is_reached_and_fitting_beats_centroid(ratio, capsys):
     base, _ = converted(cfg)
     centroid = copy.deepcopy(base)
     ref = moefx.calibrate(centroid, batches(), target_ratio=ratio, fit_router=False, fit_experts=False, verbose=False)
-    rep = moefx.calibrate(base, batches(), target_ratio=ratio)
+    rep = moefx.calibrate(base, batches(), target_ratio=ratio, budgets="uniform")
     captured = capsys.readouterr()
     assert "relerr before" in captured.out and "mean" in captured.out
     assert "calibrating layers" in captured.err
     for r, c in zip(rep.layers, ref.layers):
         assert abs(r.ratio_after - ratio) < 0.12
         assert r.rel_err_after < c.rel_err_after
+
+
+def test_allocate_budgets_meets_the_mean_and_favours_the_sensitive_layer():
+    from moefx.convert.calibrate import allocate_budgets
+
+    grid = [0.25, 0.5, 0.75, 1.0]
+    curves = {"flat": (grid, [0.10, 0.05, 0.02, 0.0]), "steep": (grid, [0.90, 0.40, 0.10, 0.0]),
+              "mid": (grid, [0.30, 0.15, 0.05, 0.0])}
+    for target in (0.5, 0.6, 0.75):
+        out = allocate_budgets(curves, target)
+        assert abs(sum(out.values()) / 3 - target) < 1e-9
+        assert out["steep"] >= out["mid"] >= out["flat"]
+        assert all(0.25 <= r <= 1.0 for r in out.values())
+    assert allocate_budgets(curves, 0.1) == {"flat": 0.25, "steep": 0.25, "mid": 0.25}
+
+
+def test_sensitivity_budgets_hit_the_mean_target_not_each_layer():
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    rep = moefx.calibrate(model, batches(), target_ratio=0.6, verbose=False, progress=False)
+    assert set(rep.budgets) == {r.name for r in rep.layers}
+    assert abs(sum(rep.budgets.values()) / len(rep.budgets) - 0.6) < 1e-6
+    assert abs(rep.mean("ratio_after") - 0.6) < 0.06
+    for r in rep.layers:
+        assert abs(r.ratio_after - rep.budgets[r.name]) < 0.1
+    with pytest.raises(ValueError, match="budgets="):
+        moefx.calibrate(model, batches(1), target_ratio=0.6, budgets="even", verbose=False, progress=False)
 
 
 def test_unit_threshold_one_keeps_dense_before_calibration():
