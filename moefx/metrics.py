@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn

@@ -3,18 +3,8 @@ import json
 import os
 
 import pytest
-import torch
 
 from moefx.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()

@@ -13,15 +13,6 @@ from moefx.convert.init_slicemoe import build_slicemoe
 from zoo import ZOO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_llama_ffns_become_slicemoe_and_the_model_still_generates():
     model, inputs, kwargs = ZOO["llama"]()
     cfg = SliceMoEConfig(num_slices=4, num_experts=8, top_k=2)

@@ -14,15 +14,6 @@ from moefx.convert.rewrite import ConversionError
 from zoo import EXPECTED, ZOO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moefx.config import ConfigError, SliceMoEConfig
 from moefx.kernels import reference as R

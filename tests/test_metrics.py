@@ -15,7 +15,6 @@ from moefx.layers import SliceMoE, XMoE
 def test_ele_and_cv2_formulas():
     assert metrics.expert_load_entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(1.0)
     assert metrics.expert_load_entropy(torch.tensor([8, 0, 0, 0])) == pytest.approx(0.0)
-    share = torch.tensor([0.5, 0.25, 0.25, 0.0])
     want = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / math.log(4)
     assert metrics.expert_load_entropy(torch.tensor([2, 1, 1, 0])) == pytest.approx(want)
     assert metrics.cv_squared(torch.tensor([3, 3, 3])) == 0

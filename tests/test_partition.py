@@ -9,15 +9,6 @@ from moefx.convert.dense import DenseFFN
 from moefx.convert.partition import group_width, neuron_stats, partition
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_dense(d=12, d_ff=48, glu=False, clusters=6):
     """A dense FFN whose W1 rows come in ``clusters`` direction families (so a good split exists)."""
     g = torch.Generator().manual_seed(0)

@@ -14,21 +14,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-
-def activation_fn(name: str):
-    """The elementwise activation of SPEC.md by name (the names the custom ops accept)."""
-    table = {
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-        "silu": F.silu,
-        "quick_gelu": lambda v: v * torch.sigmoid(1.702 * v),
-        "identity": lambda v: v,
-    }
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(table)}") from None
+from ..layers.activations import activation_fn
 
 
 @dataclass
