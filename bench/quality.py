@@ -35,8 +35,11 @@ def main(argv=None) -> int:
     ap.add_argument("--slicemoe-steps", type=int, default=30)
     ap.add_argument("--slicemoe-batch", type=int, default=256)
     ap.add_argument("--no-xmoe", action="store_true", help="skip the XMoE rows")
-    ap.add_argument("--budgets", default="sensitivity", choices=["sensitivity", "uniform"],
+    ap.add_argument("--budgets", default="uniform", choices=["uniform", "relative", "absolute", "inverse"],
                     help="per-layer activation budgets (calibrate(budgets=...))")
+    ap.add_argument("--budget-spread", type=float, default=None, help="max per-layer deviation from the target")
+    ap.add_argument("--layer-ratios", type=float, nargs="*", default=None,
+                    help="explicit per-layer activation ratios, in layer order (replaces --ratios)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -66,19 +69,28 @@ def main(argv=None) -> int:
             cfg = moefx.XMoEConfig(num_experts=args.experts, num_shared=args.shared, threshold=0.9,
                                    split=args.split, router="fitted")
             label = (f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router, t=0.9 rescaled, "
-                     f"{args.budgets} budgets")
+                     f"{args.budgets} budgets" + (f" +-{args.budget_spread}" if args.budget_spread else ""))
         else:
             cfg = moefx.SliceMoEConfig(num_slices=8, num_experts=16, top_k=2)
             label = "SliceMoE S=8 E=16 k=2"
         model = moefx.convert(model, cfg, loaded.example_inputs, loaded.example_kwargs,
                               calibration_batches=cal[:2], matches=_rebind(matches, model))
         t1 = time.perf_counter()
+        if args.layer_ratios and kind == "xmoe":
+            from moefx.convert.calibrate import moe_layers
+
+            ratio = dict(zip(moe_layers(model), args.layer_ratios))
         rep = moefx.calibrate(model, cal, target_ratio=ratio, verbose=False,
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
-                              batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets)
+                              batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread)
         t2 = time.perf_counter()
+        if rep.budgets and len(set(rep.budgets.values())) > 1:
+            print("per-layer budgets: " + " ".join(f"{v:.2f}" for v in rep.budgets.values()), flush=True)
         ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
         act = rep.mean("ratio_after")
+        if isinstance(ratio, dict):
+            ratio = sum(ratio.values()) / len(ratio)
+            label += ", explicit per-layer ratios"
         rows.append((label, ratio, act, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

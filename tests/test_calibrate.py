@@ -62,7 +62,8 @@ def test_target_ratio_is_reached_and_fitting_beats_centroid(ratio, capsys):
     cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
     base, _ = converted(cfg)
     centroid = copy.deepcopy(base)
-    ref = moefx.calibrate(centroid, batches(), target_ratio=ratio, fit_router=False, fit_experts=False, verbose=False)
+    ref = moefx.calibrate(centroid, batches(), target_ratio=ratio, fit_router=False, fit_experts=False, verbose=False,
+                          budgets="uniform")
     rep = moefx.calibrate(base, batches(), target_ratio=ratio, budgets="uniform")
     captured = capsys.readouterr()
     assert "relerr before" in captured.out and "mean" in captured.out
@@ -84,12 +85,16 @@ def test_allocate_budgets_meets_the_mean_and_favours_the_sensitive_layer():
         assert out["steep"] >= out["mid"] >= out["flat"]
         assert all(0.25 <= r <= 1.0 for r in out.values())
     assert allocate_budgets(curves, 0.1) == {"flat": 0.25, "steep": 0.25, "mid": 0.25}
+    assert allocate_budgets(curves, 0.75)["steep"] == 1.0
+    bounded = allocate_budgets(curves, 0.75, spread=0.1)
+    assert all(abs(r - 0.75) <= 0.1 for r in bounded.values())
 
 
-def test_sensitivity_budgets_hit_the_mean_target_not_each_layer():
+@pytest.mark.parametrize("mode", ["relative", "absolute", "inverse"])
+def test_sensitivity_budgets_hit_the_mean_target_not_each_layer(mode):
     cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
     model, _ = converted(cfg)
-    rep = moefx.calibrate(model, batches(), target_ratio=0.6, verbose=False, progress=False)
+    rep = moefx.calibrate(model, batches(), target_ratio=0.6, verbose=False, progress=False, budgets=mode)
     assert set(rep.budgets) == {r.name for r in rep.layers}
     assert abs(sum(rep.budgets.values()) / len(rep.budgets) - 0.6) < 1e-6
     assert abs(rep.mean("ratio_after") - 0.6) < 0.06
@@ -97,6 +102,18 @@ def test_sensitivity_budgets_hit_the_mean_target_not_each_layer():
         assert abs(r.ratio_after - rep.budgets[r.name]) < 0.1
     with pytest.raises(ValueError, match="budgets="):
         moefx.calibrate(model, batches(1), target_ratio=0.6, budgets="even", verbose=False, progress=False)
+
+
+def test_explicit_per_layer_ratios_are_each_hit():
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    names = list(moe_layers(model))
+    want = {names[0]: 0.45, names[1]: 0.8}
+    rep = moefx.calibrate(model, batches(), target_ratio=want, verbose=False, progress=False)
+    for r in rep.layers:
+        assert abs(r.ratio_after - want[r.name]) < 0.1
+    with pytest.raises(ValueError, match="no converted layer named.*nope"):
+        moefx.calibrate(model, batches(1), target_ratio={"nope": 0.5}, verbose=False, progress=False)
 
 
 def test_unit_threshold_one_keeps_dense_before_calibration():

@@ -5,15 +5,6 @@ import torch
 from moefx.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: on a shared 2-core machine, thread wake-ups cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_demo_smoke_prints_perplexities_and_summary(tmp_path, capsys):
     from transformers import LlamaConfig
 

@@ -9,7 +9,9 @@ input. Then, one layer at a time, with only that layer's activations loaded:
 XMoE (``combine="unit"``):
   1. router: ``fitted`` routers are trained to predict each expert's output-norm share
      (router.py); with ``target_ratio`` the router is rescaled so the configured threshold
-     keeps that fraction of the FFN's expert groups (shared groups count as always kept).
+     keeps that fraction of the FFN's expert groups (shared groups count as always kept);
+     ``budgets=`` can instead spread the mean ratio unevenly over the layers by their
+     measured error-vs-ratio curves (see ``budgets`` in :func:`calibrate`; uniform is the default).
   2. experts: under the routing now fixed, the down projections of all groups (and the
      output bias) are refit in closed form by ridge regression onto the dense output, the
      ridge pulling toward the converted weights. A dropped expert's contribution is partly
@@ -404,10 +406,11 @@ def calibrate_layer(
     return rep
 
 
+BUDGET_MODES = ("uniform", "relative", "absolute", "inverse")
 BUDGET_GRID = tuple(round(0.05 * i, 2) for i in range(2, 21))
 
 
-def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID, max_tokens: int = 2048):
+def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID, max_tokens: int = 1024):
     """Relative squared output error of an XMoE layer (current router, rescaled, no refit) at
     each activation ratio of ``grid``: ``(achieved ratios, errors)``, ascending in ratio.
 
@@ -441,7 +444,6 @@ def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID
             y = base_y + torch.einsum("teh,edh->td", h * mask.unsqueeze(-1).to(h.dtype), layer.w2)
             got = activation_ratio(mask, S)
             points[round(got, 4)] = float((y - target).pow(2).sum()) / denom
-        points.setdefault(1.0, 0.0)
     rs = sorted(points)
     errs = [points[r] for r in rs]
     for i in range(len(errs) - 2, -1, -1):  # more compute never hurts: monotone envelope
@@ -449,16 +451,26 @@ def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID
     return rs, errs
 
 
-def allocate_budgets(curves: Dict[str, tuple], target: float) -> Dict[str, float]:
+def allocate_budgets(curves: Dict[str, tuple], target: float, spread: Optional[float] = None) -> Dict[str, float]:
     """Per-layer activation ratios whose mean is ``target`` (to within one grid step over the
     number of layers; the last step is cut to hit it), chosen greedily: every layer starts at its smallest ratio and the budget
     goes, step by step, to the layer whose error falls most per unit of ratio. Each layer's
     error is relative (scale-free), so every layer counts alike.
 
-    If ``target`` is below what the smallest ratios allow, every layer gets its smallest."""
+    If ``target`` is below what the smallest ratios allow, every layer gets its smallest.
+    ``spread`` keeps every layer within ``target +- spread`` (its nearest point if none is)."""
     names = list(curves)
     if not names:
         return {}
+    if spread is not None:
+        kept = {}
+        for n in names:
+            rs, es = curves[n]
+            idx = [i for i, r in enumerate(rs) if abs(r - target) <= spread + 1e-9]
+            if not idx:
+                idx = [min(range(len(rs)), key=lambda i: abs(rs[i] - target))]
+            kept[n] = ([rs[i] for i in idx], [es[i] for i in idx])
+        curves = kept
     pos = {n: 0 for n in names}
     last = None
     ratio = lambda n: curves[n][0][pos[n]]
@@ -503,21 +515,30 @@ def calibrate(
     spill_bytes: int = 512 << 20,
     progress: bool = True,
     verbose: bool = True,
-    budgets: str = "sensitivity",
+    budgets: str = "uniform",
+    budget_spread: Optional[float] = None,
 ) -> CalibrationReport:
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
     ``batches``: inputs as the model takes them (a tensor, a tuple of positional arguments, or
     a dict of keyword arguments), e.g. ``moefx.data.token_batches(tokenizer)``.
     ``target_ratio``: wanted mean activation ratio of XMoE layers (fraction of expert groups a
-    token computes, shared included); None keeps the router's scale. ``fit_router`` (default:
+    token computes, shared included); None keeps the router's scale; a dict {layer name: ratio}
+    sets each layer's own ratio. ``fit_router`` (default:
     the config's ``router == "fitted"``) trains XMoE routers; ``fit_experts=False`` leaves the
     expert weights alone. ``steps``: Adam steps per layer after the closed-form refit (XMoE,
     default 0) or in all (SliceMoE, default 200), on ``batch`` random calibration tokens
-    each. ``budgets``: ``"sensitivity"`` (default) spends the mean ``target_ratio`` unevenly
-    over the XMoE layers, more where routing loses more (:func:`allocate_budgets`, on each
-    layer's error curve measured after its router fit); ``"uniform"`` gives every layer
-    ``target_ratio``. Prints a progress bar and, with
+    each. ``budgets``: ``"uniform"`` (default) gives every XMoE layer ``target_ratio``;
+    ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
+    loses more (:func:`allocate_budgets` on each layer's error curve, measured after its router
+    fit, as relative squared error or in output units), each layer within ``target_ratio +-
+    budget_spread`` if given. ``"inverse"`` mirrors the ``"relative"`` allocation (spread 0.1
+    unless given) around ``target_ratio``: more to the layers whose *relative* error is small,
+    the first and last ones of SmolLM2, where an error costs most end to end. On SmolLM2
+    ``"inverse"`` gave 1.49x / 2.60x dense perplexity at 75% / 50% against 1.55x / 2.75x
+    uniform (one run each); ``"relative"`` and ``"absolute"`` were worse. Uniform stays the
+    default: cheaper (no curve pass) and the gain is not yet confirmed (bench/results-quality.md).
+    Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     """
     from tqdm.auto import tqdm
@@ -529,6 +550,13 @@ def calibrate(
             "calibrate found no converted MoE layer in the model: run moefx.convert(...) first"
         )
     names = list(layers)
+    if budgets not in BUDGET_MODES:
+        raise ValueError(f"calibrate(budgets={budgets!r}): use one of {', '.join(BUDGET_MODES)}")
+    if isinstance(target_ratio, dict):
+        unknown = set(target_ratio) - set(names)
+        if unknown:
+            raise ValueError(f"calibrate(target_ratio=...): no converted layer named {sorted(unknown)}; "
+                             f"use names from moefx.convert.calibrate.moe_layers(model)")
     store = ActivationStore(names, spill_bytes)
     hooks = [layers[n].register_forward_pre_hook((lambda nm: (lambda mod, args: store.add(nm, args[0])))(n))
              for n in names]
@@ -542,11 +570,13 @@ def calibrate(
         for h in hooks:
             h.remove()
         hooks = []
-        if budgets not in ("sensitivity", "uniform"):
-            raise ValueError(f"calibrate(budgets={budgets!r}): use 'sensitivity' or 'uniform'")
-        ratios = {n: target_ratio for n in names}
+        if isinstance(target_ratio, dict):
+            ratios = {n: target_ratio.get(n) for n in names}
+            budgets = "uniform"
+        else:
+            ratios = {n: target_ratio for n in names}
         prefitted = set()
-        if budgets == "sensitivity" and target_ratio is not None:
+        if budgets != "uniform" and target_ratio is not None:
             curves = {}
             for name in tqdm(names, desc="measuring layer sensitivity", disable=not progress):
                 layer = layers[name]
@@ -563,10 +593,19 @@ def calibrate(
                         norms = torch.cat([expert_output_norms(layer, x[s : s + 4096]) for s in range(0, x.shape[0], 4096)])
                     _fit(layer, x, norms, router_steps)
                     prefitted.add(name)
-                curves[name] = error_curve(layer, x, target)
+                rs, errs = error_curve(layer, x, target)
+                if budgets == "absolute":
+                    energy = float(target.pow(2).sum(-1).mean())
+                    errs = [e * energy for e in errs]
+                curves[name] = (rs, errs)
                 store.put(name, x)
                 del x, target
-            ratios.update(allocate_budgets(curves, target_ratio))
+            if budgets == "inverse":
+                spread = 0.1 if budget_spread is None else budget_spread
+                alloc = allocate_budgets(curves, target_ratio, spread)
+                ratios.update({n: min(1.0, max(0.0, 2 * target_ratio - r)) for n, r in alloc.items()})
+            else:
+                ratios.update(allocate_budgets(curves, target_ratio, budget_spread))
         report.budgets = {n: ratios[n] for n in names if ratios[n] is not None}
         for name in tqdm(names, desc="calibrating layers", disable=not progress):
             layer = layers[name]
