@@ -38,6 +38,13 @@ def _where(path: Optional[str]) -> str:
     return f" (at module '{path}')" if path else ""
 
 
+def check_widths(owner: str, **widths) -> None:
+    """Raise a ConfigError naming ``owner`` unless every width is a positive integer."""
+    for name, value in widths.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

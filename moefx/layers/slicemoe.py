@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
-from moefx.config import ConfigError, SliceMoEConfig
+from moefx.config import ConfigError, SliceMoEConfig, check_widths
 from moefx.kernels import cpu
 from moefx.kernels.reference import router_dtype
 from moefx.layers.activations import check_activation
@@ -49,9 +49,7 @@ class SliceMoE(nn.Module):
         super().__init__()
         if not isinstance(config, SliceMoEConfig):
             raise ConfigError(f"SliceMoE needs a SliceMoEConfig, got {type(config).__name__}")
-        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"SliceMoE: {name} must be a positive integer, got {value!r}")
+        check_widths("SliceMoE", d_model=d_model, d_ff=d_ff)
         config.validate_for(d_model, d_ff)
         self.config = config
         self.d_model = d_model

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
-from moefx.config import ConfigError, XMoEConfig
+from moefx.config import ConfigError, XMoEConfig, check_widths
 from moefx.kernels.reference import router_dtype, xmoe_capacity
 from moefx.layers.activations import activation_fn, check_activation
 
@@ -51,9 +51,7 @@ class XMoE(nn.Module):
         super().__init__()
         if not isinstance(config, XMoEConfig):
             raise ConfigError(f"XMoE needs an XMoEConfig, got {type(config).__name__}")
-        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"XMoE: {name} must be a positive integer, got {value!r}")
+        check_widths("XMoE", d_model=d_model, d_ff=d_ff)
         config.validate_for(d_model, d_ff)
         self.config = config
         self.d_model = d_model
