@@ -40,6 +40,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-spread", type=float, default=None, help="max per-layer deviation from the target")
     ap.add_argument("--layer-ratios", type=float, nargs="*", default=None,
                     help="explicit per-layer activation ratios, in layer order (replaces --ratios)")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="end-to-end distillation steps after the layer-wise fit (calibrate(distill_steps=...))")
+    ap.add_argument("--distill-tokens", type=int, default=49152,
+                    help="calibration-split tokens for distillation, in batches of 2 x 256")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-seconds", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -56,6 +62,8 @@ def main(argv=None) -> int:
     dense = loaded.model.eval()
     cal = data.token_batches(tok, "calibration", num_tokens=args.calib_tokens, seq_len=256, batch_size=8)
     ev = data.token_batches(tok, "evaluation", num_tokens=args.eval_tokens, seq_len=256, batch_size=8)
+    dist = (data.token_batches(tok, "calibration", num_tokens=args.distill_tokens, seq_len=256, batch_size=2)
+            if args.distill_steps else None)
     t = time.perf_counter()
     dense_ppl = data.perplexity(dense, ev, progress=True, desc="dense perplexity")
     print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -73,6 +81,8 @@ def main(argv=None) -> int:
         else:
             cfg = moefx.SliceMoEConfig(num_slices=8, num_experts=16, top_k=2)
             label = "SliceMoE S=8 E=16 k=2"
+        if args.distill_steps:
+            label += f", distilled {args.distill_steps} steps x 512 tokens (lr {args.distill_lr:g})"
         model = moefx.convert(model, cfg, loaded.example_inputs, loaded.example_kwargs,
                               calibration_batches=cal[:2], matches=_rebind(matches, model))
         t1 = time.perf_counter()
@@ -82,7 +92,9 @@ def main(argv=None) -> int:
             ratio = dict(zip(moe_layers(model), args.layer_ratios))
         rep = moefx.calibrate(model, cal, target_ratio=ratio, verbose=False,
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
-                              batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread)
+                              batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
+                              distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr,
+                              distill_seconds=args.distill_seconds)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
             print("per-layer budgets: " + " ".join(f"{v:.2f}" for v in rep.budgets.values()), flush=True)
@@ -91,6 +103,8 @@ def main(argv=None) -> int:
         if isinstance(ratio, dict):
             ratio = sum(ratio.values()) / len(ratio)
             label += ", explicit per-layer ratios"
+        if rep.distill is not None and rep.distill.steps:
+            print(rep.distill.line(), flush=True)
         rows.append((label, ratio, act, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)
@@ -101,7 +115,10 @@ def main(argv=None) -> int:
         "",
         f"Dense perplexity {dense_ppl:.3f} on {sum(b.numel() for b in ev)} held-out docstring tokens; "
         f"calibration on {sum(b.numel() for b in cal)} tokens of other modules; layer-wise "
-        f"calibration, {args.steps} Adam steps per XMoE layer after the closed-form fit.",
+        f"calibration, {args.steps} Adam steps per XMoE layer after the closed-form fit"
+        + (f"; then end-to-end distillation, {args.distill_steps} Adam steps (lr {args.distill_lr:g}) on 2 x 256-token "
+           f"batches drawn from {args.distill_tokens} calibration-split tokens" if args.distill_steps else "")
+        + ". 'calibrate s' includes distillation.",
         "",
         "| model | target act. | measured act. (calib.) | perplexity | x dense | mean layer rel. err | convert s | calibrate s |",
         "|---|---|---|---|---|---|---|---|",

@@ -31,6 +31,11 @@ def register(subparsers) -> None:
                    help="per-layer activation budgets (calibrate(budgets=...)); default inverse: "
                         "1.49x vs 1.55x uniform on SmolLM2 at 75%%")
     p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--distill-steps", type=int, default=32,
+                   help="end-to-end distillation steps after the layer-wise fit, 2 x 256 tokens each "
+                        "(default 32, ~3 minutes here; 0 skips it; bench/quality.py uses 96)")
+    p.add_argument("--distill-tokens", type=int, default=None,
+                   help="distinct tokens for distillation (default 512 per step)")
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(func=run)
@@ -79,7 +84,17 @@ def run(args) -> int:
     model = convert(model, cfg, loaded.example_inputs, loaded.example_kwargs, calibration_batches=cal[:2],
                     source=loaded.source)
     print(f"converted {len(model.moefx_recipe['layers'])} FFN blocks; calibrating at activation ratio {args.ratio}", flush=True)
-    report = calibrate(model, cal, target_ratio=args.ratio, verbose=False, budgets=args.budgets)
+    dist = None
+    if args.distill_steps:
+        n = args.distill_tokens or 512 * args.distill_steps
+        if tok is not None:
+            dist = data.token_batches(tok, "calibration", num_tokens=n, seq_len=args.seq_len, batch_size=2)
+        else:
+            dist = calibration_batches_for(loaded, n, seed=1, batch_size=2)
+    report = calibrate(model, cal, target_ratio=args.ratio, verbose=False, budgets=args.budgets,
+                       distill_steps=args.distill_steps, distill_batches=dist)
+    if report.distill is not None and report.distill.steps:
+        print(report.distill.line(), flush=True)
     moe_ppl = data.perplexity(model, ev, progress=True, desc="XMoE perplexity")
     print()
     print(summary_table(model, report))

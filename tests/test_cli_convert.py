@@ -63,3 +63,16 @@ def test_model_without_ffn_writes_nothing(tmp_path, capsys, monkeypatch):
     assert main(["convert", "noffn_models:build", "--to", "xmoe", "--out", str(out)]) == 1
     assert "no dense FFN block found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_convert_with_distillation_reports_it_and_needs_calibration(tiny_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--distill-steps", "3",
+                 "--out", str(out)]) == 2
+    assert "--distill-steps needs --calibrate-tokens" in capsys.readouterr().err
+    assert not out.exists()
+    code = main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
+                 "--target-ratio", "0.6", "--distill-steps", "3", "--out", str(out)])
+    assert code == 0
+    assert "distillation: 3 steps on" in capsys.readouterr().out
+    assert (out / "recipe.json").exists()

@@ -16,6 +16,7 @@ def test_demo_smoke_prints_perplexities_and_summary(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "dense perplexity:" in out and "total: 2 layers converted" in out
+    assert "distillation: 32 steps" in out
     line = [l for l in out.splitlines() if l.startswith("XMoE (activation")][0]
     act = float(line.split("activation ")[1].split(")")[0])
     assert 0.4 < act < 0.8

@@ -193,6 +193,7 @@ class CalibrationReport:
     seconds: float = 0.0
     tokens: int = 0
     budgets: Dict[str, float] = field(default_factory=dict)
+    distill: Optional["DistillReport"] = None  # noqa: F821  (moefx.convert.distill)
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'kind':<8} {'relerr before':>13} {'after':>7} {'cos before':>10} "
@@ -211,6 +212,8 @@ class CalibrationReport:
                 f"{m('cos_before'):>10.4f} {m('cos_after'):>7.4f} {m('ratio_before'):>10.3f} {m('ratio_after'):>7.3f}"
             )
         rows.append(f"{len(self.layers)} layers, {self.tokens} tokens, {self.seconds:.1f} s")
+        if self.distill is not None and self.distill.steps:
+            rows.append(self.distill.line())
         return "\n".join(rows)
 
     def mean(self, attr: str) -> float:
@@ -517,6 +520,11 @@ def calibrate(
     verbose: bool = True,
     budgets: str = "uniform",
     budget_spread: Optional[float] = None,
+    distill_steps: int = 0,
+    distill_batches: Optional[Iterable] = None,
+    distill_lr: float = 1e-4,
+    distill_topk: int = 64,
+    distill_seconds: Optional[float] = None,
 ) -> CalibrationReport:
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
@@ -538,9 +546,19 @@ def calibrate(
     ``"inverse"`` gave 1.49x / 2.60x dense perplexity at 75% / 50% against 1.55x / 2.75x
     uniform (one run each); ``"relative"`` and ``"absolute"`` were worse. Uniform stays the
     default: cheaper (no curve pass) and the gain is not yet confirmed (bench/results-quality.md).
+    ``distill_steps``: after the layer-wise fit, that many Adam steps (lr ``distill_lr``) of
+    end-to-end distillation (:mod:`moefx.convert.distill`): every converted layer's experts
+    trained together so that the model's output matches the dense model's (sparse KL on the
+    teacher's top-``distill_topk`` words for logits, relative squared error for a plain
+    tensor), one batch of ``distill_batches`` (default: ``batches``) per step, stopping early
+    after ``distill_seconds``. Distinct text helps more than repeats: give it more batches than
+    steps, small ones (e.g. 2 x 256 tokens). The teacher's outputs are recorded in dense mode
+    before any weight changes. On SmolLM2 at 75% activation: 1.49x -> see
+    bench/results-quality.md.
     Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     """
+    from .distill import distill, record_teachers, teacher_target
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -563,13 +581,21 @@ def calibrate(
     was_training = model.training
     set_mode(model, False)
     report = CalibrationReport()
+    examples = []
+    if distill_steps < 0:
+        raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
     try:
         with torch.no_grad(), dense_mode(layers):
             for inputs in tqdm(list(batches), desc="recording dense activations", disable=not progress):
-                run_batch(model, inputs)
-        for h in hooks:
-            h.remove()
-        hooks = []
+                out = run_batch(model, inputs)
+                if distill_steps and distill_batches is None:
+                    examples.append((Inputs.of(inputs), teacher_target(out, distill_topk)))
+                del out
+            for h in hooks:
+                h.remove()
+            hooks = []
+            if distill_steps and distill_batches is not None:
+                examples = record_teachers(model, distill_batches, distill_topk, progress=progress)
         if isinstance(target_ratio, dict):
             ratios = {n: target_ratio.get(n) for n in names}
             budgets = "uniform"
@@ -624,6 +650,10 @@ def calibrate(
             if fit_experts and teacher_of(layer) is not None:
                 layer.moefx_teacher = None
             del x, target
+        store.close()
+        if distill_steps:
+            report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
+                                     seconds=distill_seconds, progress=progress)
     finally:
         for h in hooks:
             h.remove()

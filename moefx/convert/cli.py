@@ -48,6 +48,12 @@ def register(subparsers) -> None:
     p.add_argument("--target-ratio", type=float, default=None,
                    help="XMoE: rescale routers so this fraction of expert groups is active (needs calibration)")
     p.add_argument("--steps", type=int, default=None, help="Adam steps per layer during calibration")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="after the layer-wise fit, end-to-end distillation steps toward the dense model's outputs "
+                        "(one 2 x 256-token batch each; needs --calibrate-tokens; default 0)")
+    p.add_argument("--distill-tokens", type=int, default=None,
+                   help="distinct tokens for distillation (default: 512 per step, capped at the text available)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (Adam, default 1e-4)")
     p.set_defaults(func=run)
 
 
@@ -64,8 +70,9 @@ def _configs(args):
     return SliceMoEConfig(num_slices=args.slices, num_experts=args.experts, top_k=args.top_k or 2)
 
 
-def calibration_batches_for(loaded, num_tokens: int, seed: int = 0) -> list:
-    """Calibration inputs for a loaded MODEL (see the module docstring)."""
+def calibration_batches_for(loaded, num_tokens: int, seed: int = 0, batch_size: int = 8) -> list:
+    """Calibration inputs for a loaded MODEL (see the module docstring), ``batch_size``
+    sequences per batch where there is a tokenizer."""
     import torch
 
     from .calibrate import Inputs
@@ -75,7 +82,8 @@ def calibration_batches_for(loaded, num_tokens: int, seed: int = 0) -> list:
         from .. import data
 
         seq = min(256, num_tokens)
-        return [Inputs((b,), {}) for b in data.token_batches(tok, "calibration", num_tokens=num_tokens, seq_len=seq, batch_size=8)]
+        return [Inputs((b,), {}) for b in data.token_batches(tok, "calibration", num_tokens=num_tokens, seq_len=seq,
+                                                            batch_size=batch_size)]
     gen = torch.Generator().manual_seed(seed)
     inputs, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
     first = inputs[0] if inputs else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
@@ -180,6 +188,9 @@ def run(args) -> int:
     except ConfigError as err:
         print(f"moefx convert: {err}", file=sys.stderr)
         return 2
+    if args.distill_steps and not args.calibrate_tokens:
+        print("moefx convert: --distill-steps needs --calibrate-tokens N (distillation follows calibration)", file=sys.stderr)
+        return 2
     if args.target_ratio is not None and not args.calibrate_tokens:
         print("moefx convert: --target-ratio needs --calibrate-tokens N (the routers are rescaled on data)", file=sys.stderr)
         return 2
@@ -199,6 +210,10 @@ def run(args) -> int:
     print(f"converted {len(model.moefx_recipe['layers'])} FFN blocks to {args.to}", flush=True)
     if batches:
         kw = {} if args.steps is None else {"steps": args.steps}
+        if args.distill_steps:
+            kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                      distill_batches=calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps,
+                                                              seed=1, batch_size=2))
         report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)
     else:
         from .calibrate import Inputs

@@ -1,0 +1,237 @@
+"""End-to-end distillation: the converted model's MoE experts trained to reproduce the dense
+model's outputs, after layer-wise calibration.
+
+Layer-wise calibration fits each MoE layer to its own dense FFN on the dense model's
+activations; each layer is left with an error (about 17% relative on SmolLM2 at 75%
+activation) that compounds over 30 layers. Distillation trains all converted layers together
+on what matters end to end, the model's output distribution, so later layers learn to absorb
+earlier layers' errors. It is short (tens of steps) and cheap per step:
+
+* Only the expert weights of the converted layers train (XMoE: routed and shared experts and
+  the output bias; SliceMoE: the whole layer). Everything else is frozen, and an XMoE
+  layer's selection is held fixed by its router (not differentiable: ``combine="unit"``).
+* XMoE layers train through :func:`masked_forward` (every expert computed in two large GEMMs,
+  the unchosen ones masked): the same output as the layer's grouped op, at half the cost of
+  differentiating per-expert GEMMs of ~20 neurons.
+* Teacher targets are recorded once, before calibration changes any weight, by the dense
+  forward that calibration runs anyway (:func:`teacher_targets`). Logits are stored sparsely:
+  the teacher's top-``topk`` log-probabilities per token plus the rest as one bucket, so 50k
+  tokens of a 49k-word vocabulary cost ~20 MB instead of ~5 GB. The loss is the KL divergence
+  of the student from the teacher over that partition (exact when the top-k hold all the mass).
+  An output that is a plain tensor (no ``.logits``) is matched by relative squared error.
+
+Fresh text matters more than steps: on SmolLM2 (75% activation), 48 steps on 24k distinct
+tokens gave 1.37x dense perplexity where 60 steps cycling over 4k tokens gave 1.43x
+(bench/results-quality.md).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import layer_mask, masked_forward
+
+
+@dataclass
+class Target:
+    """What the dense model produced for one batch: sparse log-probabilities (``values``,
+    ``index``: ``[..., topk]``) or, for a non-logit output, the ``dense`` tensor itself."""
+
+    values: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+    dense: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DistillReport:
+    steps: int = 0
+    tokens: int = 0
+    loss_first: float = float("nan")
+    loss_last: float = float("nan")
+    seconds: float = 0.0
+    losses: List[float] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"distillation: {self.steps} steps on {self.tokens} tokens, loss {self.loss_first:.4f} -> "
+                f"{self.loss_last:.4f} (mean of first/last {_WINDOW} steps), {self.seconds:.0f} s")
+
+
+_WINDOW = 8
+
+
+def output_tensor(output):
+    """``(tensor, is_logits)`` from a model output: ``.logits`` of a Hugging Face output, else
+    the tensor itself (or the first element of a tuple)."""
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits, True
+    if isinstance(output, torch.Tensor):
+        return output, False
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0], False
+    raise TypeError(
+        f"distillation needs a model output with .logits or a tensor, got {type(output).__name__}; "
+        f"pass distill_steps=0 to calibrate without it"
+    )
+
+
+@torch.no_grad()
+def teacher_target(output, topk: int) -> Target:
+    """The distillation target of one batch from the dense model's output."""
+    t, is_logits = output_tensor(output)
+    if is_logits and t.shape[-1] > topk:
+        lp = torch.log_softmax(t.float(), dim=-1)
+        values, index = lp.topk(topk, dim=-1)
+        return Target(values=values, index=index.to(torch.int32))
+    return Target(dense=t.detach().float().clone())
+
+
+def sparse_kl(logits: torch.Tensor, target: Target) -> torch.Tensor:
+    """KL(teacher || student) over the partition {teacher's top-k words, everything else},
+    averaged over tokens."""
+    ls = torch.log_softmax(logits.float(), dim=-1)
+    ls_top = ls.gather(-1, target.index.long())
+    pt = target.values.exp()
+    rest_t = (1.0 - pt.sum(-1)).clamp_min(1e-7)
+    rest_s = (1.0 - ls_top.exp().sum(-1)).clamp_min(1e-7)
+    kl = (pt * (target.values - ls_top)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
+    return kl.mean()
+
+
+def distill_loss(output, target: Target) -> torch.Tensor:
+    t, _ = output_tensor(output)
+    if target.dense is None:
+        return sparse_kl(t, target)
+    ref = target.dense
+    return (t.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
+
+
+def _xmoe_train_forward(layer):
+    def forward(x, *args, **kwargs):
+        x2d = x.reshape(-1, layer.d_model)
+        with torch.no_grad():
+            mask = layer_mask(layer, x2d.float())
+        return masked_forward(layer, x2d, mask).reshape(x.shape)
+
+    return forward
+
+
+def _slicemoe_train_forward(layer):
+    from .calibrate import slicemoe_forward
+
+    def forward(x, *args, **kwargs):
+        return slicemoe_forward(layer, x.reshape(-1, layer.d_model)).reshape(x.shape)
+
+    return forward
+
+
+def distill(
+    model: nn.Module,
+    examples: List[tuple],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    seconds: Optional[float] = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> DistillReport:
+    """Train the converted layers of ``model`` on ``examples`` (``(inputs, Target)`` pairs,
+    inputs as :func:`moefx.convert.calibrate.run_batch` takes them), one example per Adam step,
+    in order (each example once before any repeats). Stops after ``steps`` steps or
+    ``seconds`` seconds, whichever comes first. Restores every ``requires_grad`` flag and the
+    layers' own forwards on exit."""
+    from tqdm.auto import tqdm
+
+    from .calibrate import is_xmoe, moe_layers, run_batch
+    from .rewrite import set_mode
+
+    if steps <= 0 or not examples:
+        return DistillReport()
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("distill found no converted MoE layer in the model: run moefx.convert(...) first")
+    flags = {p: p.requires_grad for p in model.parameters()}
+    params = []
+    for name, layer in layers.items():
+        for n, p in layer.named_parameters():
+            if not (is_xmoe(layer) and n.startswith("router")) and p.dtype.is_floating_point:
+                params.append(p)
+    for p in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    saved = {n: layer.__dict__.get("forward") for n, layer in layers.items()}
+    for layer in layers.values():
+        layer.forward = _xmoe_train_forward(layer) if is_xmoe(layer) else _slicemoe_train_forward(layer)
+    was_training = model.training
+    set_mode(model, False)  # no dropout: the student is trained to match the deterministic teacher
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    report = DistillReport()
+    t0 = time.perf_counter()
+    order: List[int] = []
+    bar = tqdm(total=steps, desc="distilling", disable=not progress)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                if seconds is not None and time.perf_counter() - t0 > seconds:
+                    break
+                if not order:
+                    order = torch.randperm(len(examples), generator=gen).tolist()
+                inputs, target = examples[order.pop()]
+                loss = distill_loss(run_batch(model, inputs), target)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"distillation loss became {loss.item()} at step {step}; lower distill_lr (now {lr})"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                report.losses.append(float(loss.detach()))
+                report.steps += 1
+                report.tokens += _tokens(inputs, target)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(report.losses[-_WINDOW:]) / len(report.losses[-_WINDOW:]):.4f}")
+    finally:
+        bar.close()
+        for name, layer in layers.items():
+            if saved[name] is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = saved[name]
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        set_mode(model, was_training)
+    if report.losses:
+        w = min(_WINDOW, len(report.losses))
+        report.loss_first = sum(report.losses[:w]) / w
+        report.loss_last = sum(report.losses[-w:]) / w
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _tokens(inputs, target: Target) -> int:
+    t = target.values if target.values is not None else target.dense
+    return int(math.prod(t.shape[:-1]))
+
+
+def record_teachers(model: nn.Module, batches: Iterable, topk: int, progress: bool = True,
+                    desc: str = "recording teacher outputs") -> List[tuple]:
+    """``(inputs, Target)`` for each batch, from ``model`` as it computes now (call inside
+    :func:`moefx.convert.calibrate.dense_mode` to get the dense model's outputs)."""
+    from tqdm.auto import tqdm
+
+    from .calibrate import Inputs, run_batch
+
+    out = []
+    with torch.no_grad():
+        for b in tqdm(list(batches), desc=desc, disable=not progress):
+            inputs = Inputs.of(b)
+            out.append((inputs, teacher_target(run_batch(model, inputs), topk)))
+    return out

@@ -1,0 +1,125 @@
+"""End-to-end distillation after layer-wise calibration (moefx.convert.distill): the sparse KL
+is the KL it claims to be, distillation brings the converted model's outputs closer to the
+dense model's, trains only the experts, and leaves the model as it found it otherwise."""
+import copy
+
+import pytest
+import torch
+
+import moefx
+from moefx.config import SliceMoEConfig, XMoEConfig
+from moefx.convert.calibrate import moe_layers
+from moefx.convert.distill import Target, distill, sparse_kl, teacher_target
+
+from zoo import ZOO
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batches(n, seq=16, vocab=64, seed=0, rows=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (rows, seq), generator=g) for _ in range(n)]
+
+
+def full_kl(student_logits, teacher_logits):
+    lt = torch.log_softmax(teacher_logits.double(), -1)
+    ls = torch.log_softmax(student_logits.double(), -1)
+    return float((lt.exp() * (lt - ls)).sum(-1).mean())
+
+
+def mean_kl(model, dense, inputs):
+    with torch.no_grad():
+        return sum(full_kl(model(b).logits, dense(b).logits) for b in inputs) / len(inputs)
+
+
+def test_sparse_kl_is_the_kl_of_the_coarsened_distributions():
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(3, 5, 40, generator=g) * 2
+    student = torch.randn(3, 5, 40, generator=g) * 2
+    # top-39 of 40 words: the "rest" bucket is the one word left, so the sparse KL is the full KL
+    t = teacher_target(type("Out", (), {"logits": teacher})(), topk=39)
+    assert t.values.shape == (3, 5, 39) and t.dense is None
+    assert abs(float(sparse_kl(student, t)) - full_kl(student, teacher)) < 1e-5
+    # fewer words: still a divergence (>= 0, 0 at the teacher itself) and at most the full KL
+    t8 = teacher_target(type("Out", (), {"logits": teacher})(), topk=8)
+    coarse = float(sparse_kl(student, t8))
+    assert 0 < coarse <= full_kl(student, teacher) + 1e-6
+    assert abs(float(sparse_kl(teacher, t8))) < 1e-5
+
+
+def test_plain_tensor_outputs_are_matched_by_relative_squared_error():
+    y = torch.randn(4, 8)
+    t = teacher_target(y, topk=4)
+    assert t.values is None and torch.equal(t.dense, y)
+    from moefx.convert.distill import distill_loss
+
+    assert float(distill_loss(y, t)) == 0.0
+    assert abs(float(distill_loss(2 * y, t)) - 1.0) < 1e-6
+
+
+def test_unknown_output_is_a_clear_error():
+    with pytest.raises(TypeError, match="distill_steps=0"):
+        teacher_target({"a": 1}, topk=4)
+
+
+def test_distillation_brings_the_model_closer_to_dense_and_trains_only_experts():
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
+    held_out = batches(3, seed=7)
+    plain = copy.deepcopy(model)
+    moefx.calibrate(plain, batches(4), target_ratio=0.5, verbose=False, progress=False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    rep = moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False,
+                          distill_steps=40, distill_batches=batches(40, seed=3), distill_lr=3e-3)
+    d = rep.distill
+    assert d.steps == 40 and d.tokens == 40 * 2 * 16
+    assert d.loss_last < d.loss_first
+    assert mean_kl(model, dense, held_out) < mean_kl(plain, dense, held_out)
+    # only expert weights moved: routers, attention, norms and embeddings are the calibrated ones
+    after, before = dict(model.named_parameters()), dict(plain.named_parameters())
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and all(".mlp." in n and ".router." not in n for n in moved), sorted(moved)[:5]
+    # the model is left as it was found: flags, forwards, eval mode, no grads
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all("forward" not in m.__dict__ for m in moe_layers(model).values())
+    assert all(p.grad is None for p in model.parameters())
+    assert "distillation: 40 steps" in rep.table()
+
+
+def test_distillation_defaults_to_the_calibration_batches_and_honours_the_time_limit():
+    dense, inputs, kwargs = ZOO["llama"]()
+    model = moefx.convert(dense, XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
+                          calibration_batches=batches(2))
+    rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False,
+                          distill_steps=1000, distill_seconds=0.0)
+    assert rep.distill.steps == 0
+    rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False, distill_steps=5)
+    assert rep.distill.steps == 5 and rep.distill.tokens == 5 * 2 * 16
+
+
+def test_slicemoe_layers_distill_too():
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    model = moefx.convert(copy.deepcopy(dense), SliceMoEConfig(num_slices=4, num_experts=8, top_k=2), inputs, kwargs,
+                          calibration_batches=batches(2))
+    rep = moefx.calibrate(model, batches(3), steps=10, verbose=False, progress=False,
+                          distill_steps=30, distill_batches=batches(30, seed=5), distill_lr=3e-3)
+    assert rep.distill.loss_last < rep.distill.loss_first
+
+
+def test_distill_without_examples_or_steps_does_nothing():
+    dense, inputs, kwargs = ZOO["llama"]()
+    model = moefx.convert(dense, XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
+                          calibration_batches=batches(2))
+    before = copy.deepcopy(model.state_dict())
+    assert distill(model, [], steps=10).steps == 0
+    assert distill(model, [(batches(1)[0], Target(dense=torch.zeros(1)))], steps=0).steps == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
