@@ -57,7 +57,6 @@ def _eval_batches(loaded, tok, args):
 def run(args) -> int:
     import copy
 
-    import torch
 
     from . import XMoEConfig, data
     from .convert import calibrate, convert

@@ -1,6 +1,4 @@
 """`moefx demo` in its fast smoke form: a tiny config-only model through the whole pipeline."""
-import pytest
-import torch
 
 from moefx.cli import main
 

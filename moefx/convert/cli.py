@@ -171,7 +171,6 @@ def summary_table(model, report) -> str:
 
 
 def run(args) -> int:
-    import torch
 
     from ..config import ConfigError
     from ..models import ModelLoadError, load_model

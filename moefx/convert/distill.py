@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .functional import layer_mask, masked_forward
