@@ -81,8 +81,6 @@ def main(argv=None) -> int:
         else:
             cfg = moefx.SliceMoEConfig(num_slices=8, num_experts=16, top_k=2)
             label = "SliceMoE S=8 E=16 k=2"
-        if args.distill_steps:
-            label += f", distilled {args.distill_steps} steps x 512 tokens (lr {args.distill_lr:g})"
         model = moefx.convert(model, cfg, loaded.example_inputs, loaded.example_kwargs,
                               calibration_batches=cal[:2], matches=_rebind(matches, model))
         t1 = time.perf_counter()
@@ -105,6 +103,7 @@ def main(argv=None) -> int:
             label += ", explicit per-layer ratios"
         if rep.distill is not None and rep.distill.steps:
             print(rep.distill.line(), flush=True)
+            label += f", distilled {rep.distill.steps} steps x 512 tokens (lr {args.distill_lr:g})"
         rows.append((label, ratio, act, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

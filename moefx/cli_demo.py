@@ -5,7 +5,9 @@ docstrings, converts all 30 FFNs to XMoE (64 routed + 16 shared experts, balance
 split, fitted routers: the best measured setting, 1.55x dense perplexity at 75% against 1.65x
 for 16 + 4, and no slower to calibrate; see bench/results-quality.md), calibrates layer by
 layer on docstrings of other modules at a target mean activation ratio (first and last layers
-get more than the middle ones: ``--budgets inverse``, 1.49x vs 1.55x uniform), and prints
+get more than the middle ones: ``--budgets inverse``, 1.49x vs 1.55x uniform), distils the
+whole model toward the dense one for a short while (``--distill-steps``, default 32 steps of
+2 x 256 tokens, about three minutes here; bench/quality.py runs 96 for 1.33x), and prints
 dense against converted perplexity and the conversion summary.
 ``--model`` takes any MODEL form for a quick look at another model (without a tokenizer the
 text is replaced by random token ids, which only shows that the pipeline runs).

@@ -82,6 +82,7 @@ def test_distillation_brings_the_model_closer_to_dense_and_trains_only_experts()
     d = rep.distill
     assert d.steps == 40 and d.tokens == 40 * 2 * 16
     assert d.loss_last < d.loss_first
+    assert d.held_out == 2 and d.held_out_after < d.held_out_before
     assert mean_kl(model, dense, held_out) < mean_kl(plain, dense, held_out)
     # only expert weights moved: routers, attention, norms and embeddings are the calibrated ones
     after, before = dict(model.named_parameters()), dict(plain.named_parameters())
@@ -91,7 +92,7 @@ def test_distillation_brings_the_model_closer_to_dense_and_trains_only_experts()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all("forward" not in m.__dict__ for m in moe_layers(model).values())
     assert all(p.grad is None for p in model.parameters())
-    assert "distillation: 40 steps" in rep.table()
+    assert "distillation: 40 steps" in rep.table() and "2 held-out batches" in rep.table()
 
 
 def test_distillation_defaults_to_the_calibration_batches_and_honours_the_time_limit():
@@ -123,3 +124,14 @@ def test_distill_without_examples_or_steps_does_nothing():
     assert distill(model, [], steps=10).steps == 0
     assert distill(model, [(batches(1)[0], Target(dense=torch.zeros(1)))], steps=0).steps == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_hidden_state_outputs_distill_by_relative_error():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from moefx.convert.distill import output_tensor
+
+    h = torch.randn(2, 3, 4)
+    t, is_logits = output_tensor(BaseModelOutput(last_hidden_state=h))
+    assert t is h and not is_logits
+    assert teacher_target(BaseModelOutput(last_hidden_state=h), topk=2).dense is not None

@@ -20,9 +20,9 @@ earlier layers' errors. It is short (tens of steps) and cheap per step:
   of the student from the teacher over that partition (exact when the top-k hold all the mass).
   An output that is a plain tensor (no ``.logits``) is matched by relative squared error.
 
-Fresh text matters more than steps: on SmolLM2 (75% activation), 48 steps on 24k distinct
-tokens gave 1.37x dense perplexity where 60 steps cycling over 4k tokens gave 1.43x
-(bench/results-quality.md).
+Fresh text matters more than steps: on SmolLM2 (75% activation, 1.49x dense perplexity after
+the layer-wise fit), 48 steps on 24k distinct tokens gave 1.37x where 60 steps cycling over 4k
+tokens gave 1.43x; 96 steps on 49k tokens give 1.33x (bench/results-quality.md).
 """
 from __future__ import annotations
 
@@ -55,22 +55,36 @@ class DistillReport:
     loss_last: float = float("nan")
     seconds: float = 0.0
     losses: List[float] = field(default_factory=list)
+    held_out: int = 0
+    held_out_before: float = float("nan")
+    held_out_after: float = float("nan")
 
     def line(self) -> str:
-        return (f"distillation: {self.steps} steps on {self.tokens} tokens, loss {self.loss_first:.4f} -> "
-                f"{self.loss_last:.4f} (mean of first/last {_WINDOW} steps), {self.seconds:.0f} s")
+        text = f"distillation: {self.steps} steps on {self.tokens} tokens"
+        if self.held_out:
+            text += (f", loss on {self.held_out} held-out batches {self.held_out_before:.4f} -> "
+                     f"{self.held_out_after:.4f}")
+        else:
+            text += f", training loss {self.loss_first:.4f} -> {self.loss_last:.4f} (first/last {_WINDOW} steps)"
+        return text + f", {self.seconds:.0f} s"
 
 
 _WINDOW = 8
+HELD_OUT_EVERY = 16
+"""With at least this many examples, one in this many (at most 2) is kept out of training and
+the loss on them is measured before and after: each training step sees a new batch, so the
+training loss moves with the text as much as with the model."""
 
 
 def output_tensor(output):
     """``(tensor, is_logits)`` from a model output: ``.logits`` of a Hugging Face output, else
-    the tensor itself (or the first element of a tuple)."""
+    the tensor itself, or the first tensor of a tuple or of a ``ModelOutput``."""
     if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
         return output.logits, True
     if isinstance(output, torch.Tensor):
         return output, False
+    if hasattr(output, "to_tuple"):  # a Hugging Face ModelOutput without logits (e.g. last_hidden_state)
+        output = output.to_tuple()
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0], False
     raise TypeError(
@@ -141,9 +155,10 @@ def distill(
 ) -> DistillReport:
     """Train the converted layers of ``model`` on ``examples`` (``(inputs, Target)`` pairs,
     inputs as :func:`moefx.convert.calibrate.run_batch` takes them), one example per Adam step,
-    in order (each example once before any repeats). Stops after ``steps`` steps or
-    ``seconds`` seconds, whichever comes first. Restores every ``requires_grad`` flag and the
-    layers' own forwards on exit."""
+    in a random order (each example once before any repeats). Stops after ``steps`` steps or
+    ``seconds`` seconds, whichever comes first. From :data:`HELD_OUT_EVERY` examples on, the
+    last one or two are held out and scored before and after. Restores every
+    ``requires_grad`` flag and the layers' own forwards on exit."""
     from tqdm.auto import tqdm
 
     from .calibrate import is_xmoe, moe_layers, run_batch
@@ -172,10 +187,19 @@ def distill(
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     report = DistillReport()
+    n_held = min(2, len(examples) // HELD_OUT_EVERY)
+    held, examples = examples[len(examples) - n_held:], examples[:len(examples) - n_held]
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return sum(float(distill_loss(run_batch(model, i), t)) for i, t in held) / len(held)
+
     t0 = time.perf_counter()
     order: List[int] = []
     bar = tqdm(total=steps, desc="distilling", disable=not progress)
     try:
+        if held:
+            report.held_out, report.held_out_before = len(held), held_out_loss()
         with torch.enable_grad():
             for step in range(steps):
                 if seconds is not None and time.perf_counter() - t0 > seconds:
@@ -196,6 +220,8 @@ def distill(
                 report.tokens += _tokens(inputs, target)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(report.losses[-_WINDOW:]) / len(report.losses[-_WINDOW:]):.4f}")
+        if held:
+            report.held_out_after = held_out_loss()
     finally:
         bar.close()
         for name, layer in layers.items():
