@@ -14,14 +14,6 @@ from moefx.convert.distill import Target, distill, sparse_kl, teacher_target
 from zoo import ZOO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def batches(n, seq=16, vocab=64, seed=0, rows=2):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (rows, seq), generator=g) for _ in range(n)]
