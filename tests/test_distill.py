@@ -127,3 +127,19 @@ def test_hidden_state_outputs_distill_by_relative_error():
     t, is_logits = output_tensor(BaseModelOutput(last_hidden_state=h))
     assert t is h and not is_logits
     assert teacher_target(BaseModelOutput(last_hidden_state=h), topk=2).dense is not None
+
+
+def test_prob_combine_layers_train_through_their_own_forward():
+    """masked_forward is the unit-combine output only: a layer combining by probability must
+    keep its own forward during distillation, and still get closer to the dense model."""
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    model = moefx.convert(copy.deepcopy(dense), XMoEConfig(num_experts=4, threshold=0.9, combine="prob"), inputs,
+                          kwargs, calibration_batches=batches(2))
+    seen = []
+    for layer in moe_layers(model).values():
+        layer.register_forward_hook(lambda m, a, o: seen.append("forward" in m.__dict__))
+    rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False,
+                          distill_steps=20, distill_batches=batches(20, seed=4), distill_lr=3e-3)
+    assert seen and not any(seen[-4:])  # the layers' own forward ran during distillation
+    assert rep.distill.loss_last < rep.distill.loss_first

@@ -10,9 +10,11 @@ earlier layers' errors. It is short (tens of steps) and cheap per step:
 * Only the expert weights of the converted layers train (XMoE: routed and shared experts and
   the output bias; SliceMoE: the whole layer). Everything else is frozen, and an XMoE
   layer's selection is held fixed by its router (not differentiable: ``combine="unit"``).
-* XMoE layers train through :func:`masked_forward` (every expert computed in two large GEMMs,
+* XMoE layers with ``combine="unit"`` and no capacity limit (every converted layer by
+  default) train through :func:`masked_forward` (every expert computed in two large GEMMs,
   the unchosen ones masked): the same output as the layer's grouped op, at half the cost of
-  differentiating per-expert GEMMs of ~20 neurons.
+  differentiating per-expert GEMMs of ~20 neurons. Other XMoE layers train through their own
+  forward (the ops' autograd).
 * Teacher targets are recorded once, before calibration changes any weight, by the dense
   forward that calibration runs anyway (:func:`teacher_targets`). Logits are stored sparsely:
   the teacher's top-``topk`` log-probabilities per token plus the rest as one bucket, so 50k
@@ -181,7 +183,12 @@ def distill(
         p.requires_grad_(True)
     saved = {n: layer.__dict__.get("forward") for n, layer in layers.items()}
     for layer in layers.values():
-        layer.forward = _xmoe_train_forward(layer) if is_xmoe(layer) else _slicemoe_train_forward(layer)
+        if not is_xmoe(layer):
+            layer.forward = _slicemoe_train_forward(layer)
+        elif getattr(layer, "combine", "unit") == "unit" and layer.config.capacity_factor is None:
+            layer.forward = _xmoe_train_forward(layer)
+        # else: probability-weighted or capacity-limited XMoE trains through its own forward
+        # (the ops' autograd), which masked_forward does not reproduce
     was_training = model.training
     set_mode(model, False)  # no dropout: the student is trained to match the deterministic teacher
     opt = torch.optim.Adam(params, lr=lr)
