@@ -46,6 +46,9 @@ def main(argv=None) -> int:
                     help="calibration-split tokens for distillation, in batches of 2 x 256")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--distill-seconds", type=float, default=None)
+    ap.add_argument("--budget-seconds", type=float, default=590,
+                    help="whole-calibration wall-clock budget (issue: at most 10 minutes); distillation stops "
+                         "early to stay inside it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
                               distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr,
-                              distill_seconds=args.distill_seconds)
+                              distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
             print("per-layer budgets: " + " ".join(f"{v:.2f}" for v in rep.budgets.values()), flush=True)

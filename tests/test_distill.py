@@ -87,14 +87,18 @@ def test_distillation_brings_the_model_closer_to_dense_and_trains_only_experts()
     assert "distillation: 40 steps" in rep.table() and "2 held-out batches" in rep.table()
 
 
-def test_distillation_defaults_to_the_calibration_batches_and_honours_the_time_limit():
+def test_distillation_defaults_to_the_calibration_batches_and_honours_the_time_limits():
     dense, inputs, kwargs = ZOO["llama"]()
     model = moefx.convert(dense, XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
                           calibration_batches=batches(2))
     rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False,
                           distill_steps=1000, distill_seconds=0.0)
     assert rep.distill.steps == 0
-    rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False, distill_steps=5)
+    rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False,
+                          distill_steps=1000, budget_seconds=0.0)
+    assert rep.distill.steps == 0 and len(rep.layers) == 2 and rep.layers[0].ratio_after < 0.9
+    rep = moefx.calibrate(model, batches(3), target_ratio=0.6, verbose=False, progress=False, distill_steps=5,
+                          budget_seconds=600)
     assert rep.distill.steps == 5 and rep.distill.tokens == 5 * 2 * 16
 
 

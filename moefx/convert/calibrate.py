@@ -409,6 +409,10 @@ def calibrate_layer(
     return rep
 
 
+DISTILL_RESERVE_S = 10.0
+"""Seconds of ``budget_seconds`` kept back for what follows the last distillation step (the
+held-out scoring, putting the model back)."""
+
 BUDGET_MODES = ("uniform", "relative", "absolute", "inverse")
 BUDGET_GRID = tuple(round(0.05 * i, 2) for i in range(2, 21))
 
@@ -525,6 +529,7 @@ def calibrate(
     distill_lr: float = 1e-4,
     distill_topk: int = 64,
     distill_seconds: Optional[float] = None,
+    budget_seconds: Optional[float] = None,
 ) -> CalibrationReport:
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
@@ -551,7 +556,8 @@ def calibrate(
     trained together so that the model's output matches the dense model's (sparse KL on the
     teacher's top-``distill_topk`` words for logits, relative squared error for a plain
     tensor), one batch of ``distill_batches`` (default: ``batches``) per step, stopping early
-    after ``distill_seconds``. Distinct text helps more than repeats: give it more batches than
+    after ``distill_seconds`` of distillation or when the whole call has run ``budget_seconds``
+    (the layer-wise fit always completes; only distillation is cut short). Distinct text helps more than repeats: give it more batches than
     steps, small ones (e.g. 2 x 256 tokens). The teacher's outputs are recorded in dense mode
     before any weight changes. On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
     tokens took dense perplexity x1.49 -> x1.33 at 75% activation and x2.60 -> x1.92 at 50%,
@@ -653,8 +659,12 @@ def calibrate(
             del x, target
         store.close()
         if distill_steps:
+            seconds = distill_seconds
+            if budget_seconds is not None:
+                left = budget_seconds - (time.perf_counter() - t0) - DISTILL_RESERVE_S
+                seconds = left if seconds is None else min(seconds, left)
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
-                                     seconds=distill_seconds, progress=progress)
+                                     seconds=seconds, progress=progress)
     finally:
         for h in hooks:
             h.remove()

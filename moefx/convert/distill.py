@@ -166,7 +166,7 @@ def distill(
     from .calibrate import is_xmoe, moe_layers, run_batch
     from .rewrite import set_mode
 
-    if steps <= 0 or not examples:
+    if steps <= 0 or not examples or (seconds is not None and seconds <= 0):
         return DistillReport()
     layers = moe_layers(model)
     if not layers:
