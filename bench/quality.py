@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         del model
     table = [
         f"### SmolLM2-135M quality ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.machine()}, {torch.get_num_threads()} threads, CPU shared with other jobs)",
+        f"{platform.machine()}, {torch.get_num_threads()} threads, load average at the end "
+        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())})",
         "",
         f"Dense perplexity {dense_ppl:.3f} on {sum(b.numel() for b in ev)} held-out docstring tokens; "
         f"calibration on {sum(b.numel() for b in cal)} tokens of other modules; layer-wise "
