@@ -87,11 +87,8 @@ def run(args) -> int:
     print(f"converted {len(model.moefx_recipe['layers'])} FFN blocks; calibrating at activation ratio {args.ratio}", flush=True)
     dist = None
     if args.distill_steps:
-        n = args.distill_tokens or 512 * args.distill_steps
-        if tok is not None:
-            dist = data.token_batches(tok, "calibration", num_tokens=n, seq_len=args.seq_len, batch_size=2)
-        else:
-            dist = calibration_batches_for(loaded, n, seed=1, batch_size=2)
+        dist = calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps, seed=1, batch_size=2,
+                                       seq_len=args.seq_len)
     report = calibrate(model, cal, target_ratio=args.ratio, verbose=False, budgets=args.budgets,
                        distill_steps=args.distill_steps, distill_batches=dist)
     if report.distill is not None and report.distill.steps:

@@ -104,14 +104,18 @@ def token_batches(
     return [rows[i : i + batch_size] for i in range(0, n_seq, batch_size)]
 
 
-def _logits(output) -> torch.Tensor:
+def output_tensor(output):
+    """``(tensor, is_logits)`` from a model output: ``.logits`` of a Hugging Face output, else
+    the tensor itself, or the first tensor of a tuple or of a ``ModelOutput``."""
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits, True
     if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
+        return output, False
+    if hasattr(output, "to_tuple"):  # a Hugging Face ModelOutput without logits (e.g. last_hidden_state)
+        output = output.to_tuple()
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+        return output[0], False
+    raise TypeError(f"cannot find logits or a tensor in a model output of type {type(output).__name__}")
 
 
 @torch.no_grad()
@@ -137,7 +141,7 @@ def perplexity(model, batches: Sequence[torch.Tensor], progress: bool = False, d
                 out = model(input_ids=ids, use_cache=False)
             except TypeError:
                 out = model(ids)
-            logits = _logits(out)[:, :-1].float()
+            logits = output_tensor(out)[0][:, :-1].float()
             target = ids[:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"

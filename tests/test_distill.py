@@ -125,7 +125,7 @@ def test_distill_without_examples_or_steps_does_nothing():
 def test_hidden_state_outputs_distill_by_relative_error():
     from transformers.modeling_outputs import BaseModelOutput
 
-    from moefx.convert.distill import output_tensor
+    from moefx.data import output_tensor
 
     h = torch.randn(2, 3, 4)
     t, is_logits = output_tensor(BaseModelOutput(last_hidden_state=h))

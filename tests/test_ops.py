@@ -119,16 +119,20 @@ def test_regime_shapes_pick_the_intended_path(monkeypatch):
     assert seen == ["_moe_ffn_pairs", "_moe_ffn_all_experts"]
 
 
+def assert_float32_within_spec(reference, x, idx, weight, p64, gate_input):
+    """``moefx::moe_ffn`` in float32 against ``reference`` in float64, to SPEC §3's tolerance."""
+    want = call(reference, x, idx, weight, p64, "gelu", gate_input)
+    p32 = {k: v.float() if v is not None else None for k, v in p64.items()}
+    got = call(ops.moe_ffn, x.float(), idx, weight.float(), p32, "gelu", gate_input)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("gate_input", [False, True])
 def test_moe_ffn_float32_within_spec_tolerance(gate_input):
     T, E, h, d, K = 64, 8, 16, 24, 4
     p64 = expert_weights(E, h, d, True, True)
     idx, weight = routing(T, E, K, seed=4)
-    x = torch.randn(T, d, dtype=torch.float64)
-    want = call(ops.moe_ffn, x, idx, weight, p64, "gelu", gate_input)
-    p32 = {k: v.float() if v is not None else None for k, v in p64.items()}
-    got = call(ops.moe_ffn, x.float(), idx, weight.float(), p32, "gelu", gate_input)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert_float32_within_spec(ops.moe_ffn, torch.randn(T, d, dtype=torch.float64), idx, weight, p64, gate_input)
 
 
 def test_moe_ffn_unit_weights_and_float32_weights_with_float64_x():
@@ -246,11 +250,8 @@ def test_narrow_rows_take_onednn_and_match_reference(gate_input, glu, bias, monk
     T, E, h, d, K = 700, 4, 16, 8, 2
     p64 = expert_weights(E, h, d, glu, bias)
     idx, weight = routing(T, E, K, seed=11)
-    x = torch.randn(T, d, dtype=torch.float64)
-    want = call(R.moe_ffn_reference, x, idx, weight, p64, "gelu", gate_input)
-    p32 = {k: v.float() if v is not None else None for k, v in p64.items()}
-    got = call(ops.moe_ffn, x.float(), idx, weight.float(), p32, "gelu", gate_input)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert_float32_within_spec(R.moe_ffn_reference, torch.randn(T, d, dtype=torch.float64), idx, weight, p64,
+                               gate_input)
     if cpu._ONEDNN_LINEAR is not None:
         assert calls and min(calls) >= cpu.ONEDNN_MIN_ROWS
 

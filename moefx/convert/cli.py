@@ -70,9 +70,9 @@ def _configs(args):
     return SliceMoEConfig(num_slices=args.slices, num_experts=args.experts, top_k=args.top_k or 2)
 
 
-def calibration_batches_for(loaded, num_tokens: int, seed: int = 0, batch_size: int = 8) -> list:
-    """Calibration inputs for a loaded MODEL (see the module docstring), ``batch_size``
-    sequences per batch where there is a tokenizer."""
+def calibration_batches_for(loaded, num_tokens: int, seed: int = 0, batch_size: int = 8, seq_len: int = 256) -> list:
+    """Calibration inputs for a loaded MODEL (see the module docstring): where there is a
+    tokenizer, ``batch_size`` sequences of ``seq_len`` tokens per batch."""
     import torch
 
     from .calibrate import Inputs
@@ -81,7 +81,7 @@ def calibration_batches_for(loaded, num_tokens: int, seed: int = 0, batch_size: 
     if tok is not None:
         from .. import data
 
-        seq = min(256, num_tokens)
+        seq = min(seq_len, num_tokens)
         return [Inputs((b,), {}) for b in data.token_batches(tok, "calibration", num_tokens=num_tokens, seq_len=seq,
                                                             batch_size=batch_size)]
     gen = torch.Generator().manual_seed(seed)

@@ -36,6 +36,7 @@ from typing import Iterable, List, Optional
 import torch
 from torch import nn
 
+from ..data import output_tensor
 from .functional import layer_mask, masked_forward
 
 
@@ -78,27 +79,14 @@ the loss on them is measured before and after: each training step sees a new bat
 training loss moves with the text as much as with the model."""
 
 
-def output_tensor(output):
-    """``(tensor, is_logits)`` from a model output: ``.logits`` of a Hugging Face output, else
-    the tensor itself, or the first tensor of a tuple or of a ``ModelOutput``."""
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
-        return output.logits, True
-    if isinstance(output, torch.Tensor):
-        return output, False
-    if hasattr(output, "to_tuple"):  # a Hugging Face ModelOutput without logits (e.g. last_hidden_state)
-        output = output.to_tuple()
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0], False
-    raise TypeError(
-        f"distillation needs a model output with .logits or a tensor, got {type(output).__name__}; "
-        f"pass distill_steps=0 to calibrate without it"
-    )
-
-
 @torch.no_grad()
 def teacher_target(output, topk: int) -> Target:
     """The distillation target of one batch from the dense model's output."""
-    t, is_logits = output_tensor(output)
+    try:
+        t, is_logits = output_tensor(output)
+    except TypeError as err:
+        raise TypeError(f"distillation needs a model output with .logits or a tensor: {err}; "
+                        f"pass distill_steps=0 to calibrate without it") from None
     if is_logits and t.shape[-1] > topk:
         lp = torch.log_softmax(t.float(), dim=-1)
         values, index = lp.topk(topk, dim=-1)
@@ -224,7 +212,7 @@ def distill(
                 opt.step()
                 report.losses.append(float(loss.detach()))
                 report.steps += 1
-                report.tokens += _tokens(inputs, target)
+                report.tokens += _tokens(target)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(report.losses[-_WINDOW:]) / len(report.losses[-_WINDOW:]):.4f}")
         if held:
@@ -248,7 +236,7 @@ def distill(
     return report
 
 
-def _tokens(inputs, target: Target) -> int:
+def _tokens(target: Target) -> int:
     t = target.values if target.values is not None else target.dense
     return int(math.prod(t.shape[:-1]))
 
