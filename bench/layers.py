@@ -21,7 +21,9 @@ import time
 # On a CPU shared with other jobs, OpenMP's default spin-waiting lets a descheduled team thread
 # stall every small parallel region by a whole time slice (measured: a 512x96 gelu took 12 ms
 # instead of 0.1 ms). Passive waiting measures the code, not the neighbours; set before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ``--spin`` leaves it unset: libgomp's default (spin a while, then sleep), as users run it.
+if "--spin" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -29,6 +31,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from moefx.config import SliceMoEConfig, XMoEConfig  # noqa: E402
+from moefx.kernels import native  # noqa: E402
 from moefx.layers import SliceMoE, XMoE  # noqa: E402
 
 D, DFF = 576, 1536
@@ -77,7 +80,38 @@ NOTES = """Notes:
   chunks of 512/2048/4096 rows or one GEMM per expert (70-82 ms vs 71 ms), gathering every
   row once up front (70.2 ms). XMoE top-4: adding the layer bias into the op's output in place
   saved ~0.7 ms of a ~22 ms call.
+- Third session: the GELU of the expert ops runs on moefx's native CPU kernel
+  (moefx/kernels/csrc/moefx_cpu.c: erf as a vectorised rational function, no exp; ~1.4x ATen's
+  GELU throughput, 2.4-2.6 vs 1.7-1.8 G values/s on both cores). "SliceMoE, ATen GELU" is the same
+  layer with it off, measured in the same process: the kernel takes 4-6% off SliceMoE at T=2048.
+  The expert GEMMs alone (32 oneDNN fc1+fc2 pairs of 1024 rows, preallocated inputs) take
+  57 ms against the dense FFN's 62-70 ms this session (the host's speed moved the dense FFN between
+  52 and 73 ms across sessions and hours); GELU adds ~11 ms in place, gather and copies ~3 ms,
+  router ~5 ms. Also tried: reciprocal + Newton step instead of the division in the GELU (slower),
+  a lower-precision erf (not taken: SPEC's tolerance is for the layer, ATen-level accuracy is kept),
+  experts split over two Python threads with single-threaded ops (faster only with
+  OMP_WAIT_POLICY=PASSIVE, slower with libgomp's default spinning: not taken).
 """
+
+
+class WithoutNative(nn.Module):
+    """The same layer with moefx's native CPU kernels off (``MOEFX_NATIVE=0``) during its calls:
+    ATen's GELU, for an in-process comparison."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        saved = os.environ.get("MOEFX_NATIVE")
+        os.environ["MOEFX_NATIVE"] = "0"
+        try:
+            return self.inner(x)
+        finally:
+            if saved is None:
+                del os.environ["MOEFX_NATIVE"]
+            else:
+                os.environ["MOEFX_NATIVE"] = saved
 
 
 def cases():
@@ -85,7 +119,9 @@ def cases():
     yield "XMoE top-4/16 unit", XMoE(XMoEConfig(num_experts=16, top_k=4), D, DFF, converted=True)
     yield "XMoE top-8/16 unit", XMoE(XMoEConfig(num_experts=16, top_k=8), D, DFF, converted=True)
     yield "XMoE t=0.9/16 prob", XMoE(XMoEConfig(num_experts=16, threshold=0.9), D, DFF)
-    yield "SliceMoE S=8 E=16 k=2", SliceMoE(SliceMoEConfig(num_slices=8, num_experts=16, top_k=2), D, DFF)
+    slice_moe = SliceMoE(SliceMoEConfig(num_slices=8, num_experts=16, top_k=2), D, DFF)
+    yield "SliceMoE S=8 E=16 k=2", slice_moe
+    yield "SliceMoE, ATen GELU", WithoutNative(slice_moe)
 
 
 def median_ms(module, x, min_time: float):
@@ -142,6 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case and round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the Markdown record here (atomically)")
+    parser.add_argument("--spin", action="store_true",
+                        help="leave OMP_WAIT_POLICY unset (libgomp's default) instead of PASSIVE")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     loads = [load_average()]
@@ -175,6 +213,7 @@ def main(argv=None) -> int:
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
         f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; python {platform.python_version()}",
+        f"- moefx native CPU kernels: {native.status()}",
         f"- shapes: d={D}, d_ff={DFF}, float32, eval + no_grad; median per case, best of {args.rounds} rounds",
         f"- load average (1/5/15 min) before and after each round: {' | '.join(loads)}",
         "",

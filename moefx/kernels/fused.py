@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moefx.kernels import primitives as P
-from moefx.layers.activations import activation_
+from moefx.kernels.cpu import activation_
 
 
 @torch.library.custom_op("moefx::route", mutates_args=())
