@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-tokens", type=int, default=49152,
                     help="calibration-split tokens for distillation, in batches of 2 x 256")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-train", default="experts", choices=["experts", "blocks"],
+                    help="what distillation trains: expert weights, or every block parameter outside the embeddings")
     ap.add_argument("--distill-seconds", type=float, default=None)
     ap.add_argument("--budget-seconds", type=float, default=590,
                     help="whole-calibration wall-clock budget (issue: at most 10 minutes); distillation stops "
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         rep = moefx.calibrate(model, cal, target_ratio=ratio, verbose=False,
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
-                              distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr,
+                              distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr, distill_train=args.distill_train,
                               distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:

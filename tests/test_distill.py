@@ -1,6 +1,7 @@
 """End-to-end distillation after layer-wise calibration (moefx.convert.distill): the sparse KL
 is the KL it claims to be, distillation brings the converted model's outputs closer to the
-dense model's, trains only the experts, and leaves the model as it found it otherwise."""
+dense model's, trains only the experts (or, when asked, every block parameter outside the
+embeddings), and leaves the model as it found it otherwise."""
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import moefx
 from moefx.config import SliceMoEConfig, XMoEConfig
-from moefx.convert.calibrate import moe_layers
+from moefx.convert.calibrate import Inputs, moe_layers
 from moefx.convert.distill import Target, distill, sparse_kl, teacher_target
 
 from zoo import ZOO
@@ -147,3 +148,23 @@ def test_prob_combine_layers_train_through_their_own_forward():
                           distill_steps=20, distill_batches=batches(20, seed=4), distill_lr=3e-3)
     assert seen and not any(seen[-4:])  # the layers' own forward ran during distillation
     assert rep.distill.loss_last < rep.distill.loss_first
+
+
+def test_training_blocks_moves_attention_and_norms_but_not_embeddings_or_routers():
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
+    moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(8, seed=5)]
+    d = distill(model, examples,
+                steps=8, lr=3e-3, progress=False, train="blocks")
+    assert d.steps == 8
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".self_attn." in n for n in moved) and any("norm" in n for n in moved)
+    assert any(".mlp." in n and ".router." not in n for n in moved)
+    assert not any("embed" in n or "lm_head" in n or ".router." in n for n in moved), sorted(moved)
+    with pytest.raises(ValueError, match="train='everything'"):
+        distill(model, examples, steps=1, train="everything")

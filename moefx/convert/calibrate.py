@@ -530,6 +530,7 @@ def calibrate(
     distill_topk: int = 64,
     distill_seconds: Optional[float] = None,
     budget_seconds: Optional[float] = None,
+    distill_train: str = "experts",
 ) -> CalibrationReport:
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
@@ -664,7 +665,7 @@ def calibrate(
                 left = budget_seconds - (time.perf_counter() - t0) - DISTILL_RESERVE_S
                 seconds = left if seconds is None else min(seconds, left)
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
-                                     seconds=seconds, progress=progress)
+                                     seconds=seconds, progress=progress, train=distill_train)
     finally:
         for h in hooks:
             h.remove()

@@ -74,6 +74,7 @@ class DistillReport:
 
 _WINDOW = 8
 HELD_OUT_EVERY = 16
+DISTILL_TRAIN = ("experts", "blocks")
 """With at least this many examples, one in this many (at most 2) is kept out of training and
 the loss on them is measured before and after: each training step sees a new batch, so the
 training loss moves with the text as much as with the model."""
@@ -142,13 +143,17 @@ def distill(
     seconds: Optional[float] = None,
     progress: bool = True,
     seed: int = 0,
+    train: str = "experts",
 ) -> DistillReport:
     """Train the converted layers of ``model`` on ``examples`` (``(inputs, Target)`` pairs,
     inputs as :func:`moefx.convert.calibrate.run_batch` takes them), one example per Adam step,
     in a random order (each example once before any repeats). Stops after ``steps`` steps or
     ``seconds`` seconds, whichever comes first. From :data:`HELD_OUT_EVERY` examples on, the
-    last one or two are held out and scored before and after. Restores every
-    ``requires_grad`` flag and the layers' own forwards on exit."""
+    last one or two are held out and scored before and after. ``train``: ``"experts"`` trains
+    the converted layers' expert weights only; ``"blocks"`` also every other floating-point
+    parameter outside the embeddings and the output head (attention, norms: the dense model's own weights, which
+    then move too). XMoE routers never train here (selection is not differentiable).
+    Restores every ``requires_grad`` flag and the layers' own forwards on exit."""
     from tqdm.auto import tqdm
 
     from .calibrate import is_xmoe, moe_layers, run_batch
@@ -159,12 +164,24 @@ def distill(
     layers = moe_layers(model)
     if not layers:
         raise ValueError("distill found no converted MoE layer in the model: run moefx.convert(...) first")
+    if train not in DISTILL_TRAIN:
+        raise ValueError(f"distill(train={train!r}): use one of {', '.join(DISTILL_TRAIN)}")
     flags = {p: p.requires_grad for p in model.parameters()}
-    params = []
-    for name, layer in layers.items():
-        for n, p in layer.named_parameters():
-            if not (is_xmoe(layer) and n.startswith("router")) and p.dtype.is_floating_point:
-                params.append(p)
+    routers = {id(p) for layer in layers.values() if is_xmoe(layer) for p in layer.router.parameters()}
+    if train == "experts":
+        candidates = [p for layer in layers.values() for p in layer.parameters()]
+    else:
+        frozen = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Module):
+            frozen.append(head)  # a Hugging Face model's output head (tied or not)
+        embeddings = {id(p) for m in frozen for p in m.parameters()}
+        candidates = [p for p in model.parameters() if id(p) not in embeddings]
+    params, seen = [], set()
+    for p in candidates:
+        if id(p) not in routers and id(p) not in seen and p.dtype.is_floating_point:
+            seen.add(id(p))
+            params.append(p)
     for p in flags:
         p.requires_grad_(False)
     for p in params:
