@@ -76,3 +76,19 @@ def test_convert_with_distillation_reports_it_and_needs_calibration(tiny_config,
     assert code == 0
     assert "distillation: 3 steps on" in capsys.readouterr().out
     assert (out / "recipe.json").exists()
+
+
+def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, monkeypatch):
+    import sys
+
+    conv = sys.modules["moefx.convert"]  # the package (moefx.convert the attribute is the function)
+    seen = []
+    real = conv.calibrate
+    monkeypatch.setattr(conv, "calibrate", lambda *a, **kw: seen.append(kw.get("distill_train")) or real(*a, **kw))
+    out = tmp_path / "out"
+    assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
+                 "--distill-steps", "2", "--distill-train", "blocks", "--out", str(out)]) == 0
+    assert seen == ["blocks"] and "distillation: 2 steps on" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["convert", tiny_config, "--to", "xmoe", "--distill-train", "embeddings", "--out", str(tmp_path / "o2")])
+    assert "invalid choice: 'embeddings'" in capsys.readouterr().err

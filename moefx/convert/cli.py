@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--distill-tokens", type=int, default=None,
                    help="distinct tokens for distillation (default: 512 per step, capped at the text available)")
     p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (Adam, default 1e-4)")
+    p.add_argument("--distill-train", choices=["experts", "blocks"], default="experts",
+                   help="what distillation trains: the converted layers' experts (default), or also every other "
+                        "block parameter (attention, norms; not the embeddings or the output head)")
     p.set_defaults(func=run)
 
 
@@ -210,7 +213,7 @@ def run(args) -> int:
     if batches:
         kw = {} if args.steps is None else {"steps": args.steps}
         if args.distill_steps:
-            kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+            kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_train=args.distill_train,
                       distill_batches=calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps,
                                                               seed=1, batch_size=2))
         report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)
