@@ -175,13 +175,9 @@ def distill(
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, nn.Module):
             frozen.append(head)  # a Hugging Face model's output head (tied or not)
-        embeddings = {id(p) for m in frozen for p in m.parameters()}
-        candidates = [p for p in model.parameters() if id(p) not in embeddings]
-    params, seen = [], set()
-    for p in candidates:
-        if id(p) not in routers and id(p) not in seen and p.dtype.is_floating_point:
-            seen.add(id(p))
-            params.append(p)
+        frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+        candidates = [p for p in model.parameters() if id(p) not in frozen_ids]  # tied weights come once
+    params = [p for p in candidates if id(p) not in routers and p.dtype.is_floating_point]
     for p in flags:
         p.requires_grad_(False)
     for p in params:

@@ -3,8 +3,8 @@
  * One kernel so far: the exact (erf) GELU, in place on float32. SliceMoE's experts have eight
  * times the hidden activations of the dense FFN they stand for (25M values per layer call at
  * T=2048), and PyTorch's GELU spends ~3 cycles per value on them (an exp-based erf). Here erf is
- * a rational function of z^2 (no exp), which the compiler vectorises: ~1.7x the throughput of
- * PyTorch's on the project's AVX2 CPU, at the same accuracy (|erf error| <= 4e-7 in float32,
+ * a rational function of z^2 (no exp), which the compiler vectorises: ~1.4x the throughput of
+ * PyTorch's on the project's AVX2 CPU (2.4-2.6 vs 1.7-1.8 G values/s on two cores), at the same accuracy (|erf error| <= 4e-7 in float32,
  * ATen's own is ~1.5e-7 + rounding; both far inside SPEC.md's 1e-5 relative).
  *
  * Coefficients: fit_erf.py beside this file (own least-squares fit; it prints them back).
