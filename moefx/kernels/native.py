@@ -1,9 +1,16 @@
 """Native CPU kernels (``csrc/moefx_cpu.c``), compiled with the system C compiler on first use.
 
-PyTorch covers every op moefx needs except one that matters for speed: the exact GELU of
-SliceMoE's experts, whose hidden activations are eight times the dense FFN's, so that ATen's
-exp-based erf costs ~15 ms of a ~90 ms layer call at T=2048 (bench/results-layers.md). The C
-kernel evaluates erf as a rational function (no exp) that the compiler vectorises.
+PyTorch covers every op moefx needs, but two things matter for speed on the CPU and PyTorch
+cannot fuse them:
+
+- :func:`gelu_`: the exact GELU, with erf as a rational function (no exp) that the compiler
+  vectorises (~1.4x ATen's throughput).
+- :func:`expert_mlp`: the grouped expert MLP of ``moefx::moe_ffn`` in one call: gather, GEMM1,
+  activation (any of moefx's), GLU, GEMM2 and the routing weight per block of an expert's rows,
+  the hidden activations staying in cache. SliceMoE's experts have eight times the hidden
+  activations of the dense FFN; through separate PyTorch ops they travel to memory and back
+  (~100 MB per layer call at T=2048), which made SliceMoE 1.4x the dense FFN's time; fused it
+  is below the dense FFN (bench/results-layers.md).
 
 How it is built and used:
 
@@ -49,6 +56,9 @@ OPENMP_FLAG = "-fopenmp"
 
 MIN_NUMEL = 4096
 """Smaller tensors keep ATen's GELU: the ctypes call costs about as much as it saves."""
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "quick_gelu": 4, "gelu_tanh": 5}
+"""moefx's activation names and their codes in ``moefx_expert_mlp_f32``."""
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -142,6 +152,10 @@ def _load():
             lib.moefx_gelu_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
             lib.moefx_gelu_f32.restype = None
             lib.moefx_has_openmp.restype = ctypes.c_int
+            ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.moefx_expert_mlp_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr,
+                                                 ptr, i64, i64, i32, ptr, i32]
+            lib.moefx_expert_mlp_f32.restype = ctypes.c_int
             after = _openmp_runtimes()
             # threaded only when the library shares PyTorch's runtime (no second one appeared)
             threaded = bool(lib.moefx_has_openmp()) and len(after) <= max(1, len(before))
@@ -186,3 +200,61 @@ def gelu_(z: torch.Tensor) -> bool:
     threads = torch.get_num_threads() if _state["threaded"] else 1
     lib.moefx_gelu_f32(z.data_ptr(), z.numel(), threads)
     return True
+
+
+def _plain_f32(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor whose memory the C code may read directly: plain (a Parameter
+    too), strided, not a functorch wrapper or a tensor subclass."""
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _readable(t: Optional[torch.Tensor]) -> bool:
+    return t is None or (_plain_f32(t) and t.is_contiguous())
+
+
+def expert_mlp(x: torch.Tensor, rows: torch.Tensor, counts: list, gate: Optional[torch.Tensor],
+               gate_input: bool, w1: torch.Tensor, b1: Optional[torch.Tensor], w3: Optional[torch.Tensor],
+               b3: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+               activation: str) -> Optional[torch.Tensor]:
+    """The grouped expert MLP in one native call, or None where it does not apply (then
+    nothing was computed).
+
+    ``rows [M]``: the x row of each (row, slot) pair, grouped by expert; ``counts``: pairs per
+    expert (host ints, summing to M); ``gate [M]``: each pair's routing weight, or None for
+    all-ones weights; ``gate_input``: the weight scales the input row (else the output row,
+    bias included). Weights in moefx's layout: ``w1/w3 [E, h, d]``, ``w2 [E, d, h]``. Returns
+    ``[M + 1, d]``: the pair outputs in grouped order, then a zero row (the slot that
+    :func:`moefx.kernels.cpu._combine_slots` gives unused pairs).
+
+    Applies to float32 CPU tensors outside any tracer (the caller is an op's CPU kernel or a
+    plain inference forward; nothing here records autograd, so it must not be reached with
+    inputs that need gradients through it), any moefx activation, with or without GLU."""
+    if not (enabled() and activation in ACTIVATIONS and x.dim() == 2 and x.stride(1) == 1 and _plain_f32(x)):
+        return None
+    if not all(_readable(t) for t in (w1, b1, w3, b3, w2, b2, gate)):
+        return None
+    if rows.dtype != torch.int64 or not rows.is_contiguous() or rows.device.type != "cpu":
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    E, h, d = w1.shape
+    M = rows.numel()
+    offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum_(0)
+    out = torch.empty((M + 1, d), dtype=x.dtype)
+    out[M].zero_()
+    threads = torch.get_num_threads() if _state["threaded"] else 1
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    rc = lib.moefx_expert_mlp_f32(
+        ptr(x), x.stride(0), ptr(rows), ptr(offsets), E, ptr(gate), int(gate_input), ptr(w1), ptr(b1),
+        ptr(w3), ptr(b3), ptr(w2), ptr(b2), d, h, ACTIVATIONS[activation], ptr(out), threads)
+    return out if rc == 0 else None

@@ -43,8 +43,32 @@ def float32_error(p, q) -> float:
     return float(np.abs(approx - np.array([erf(float(v)) for v in z])).max())
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "exp" not in __import__("sys").argv[1:]:
     p, q, err = fit()
     print("P:", ", ".join(f"{v:.9e}f" for v in p))
     print("Q:", ", ".join(f"{v:.9e}f" for v in q))
     print(f"max |error| in float64: {err:.2e}; evaluated in float32: {float32_error(p, q):.2e}")
+
+
+# ---------------------------------------------------------------- exp, for silu and friends
+#
+# e^r ~= 1 + r + r^2 R(r) on |r| <= ln2/2 (after e^x = 2^n e^r), R of degree 5, fitted by
+# least squares on the relative error of e^r at 2000 Chebyshev nodes. Run: python fit_erf.py exp
+
+
+def fit_exp():
+    half = np.log(2) / 2
+    r = np.cos(np.linspace(np.pi, 0, 2000)) * half
+    r = r[np.abs(r) > 1e-4]
+    target = (np.exp(r) - 1 - r) / (r * r)
+    a = np.vander(r, 6, increasing=True)
+    w = (r * r) / np.exp(r)  # error of e^r relative to e^r
+    coef, *_ = np.linalg.lstsq(a * w[:, None], target * w, rcond=None)
+    approx = 1 + r + r * r * np.polyval(coef[::-1], r)
+    return coef, float(np.abs(approx / np.exp(r) - 1).max())
+
+
+if __name__ == "__main__" and "exp" in __import__("sys").argv[1:]:
+    c, rel = fit_exp()
+    print("R:", ", ".join(f"{v:.10e}f" for v in c))
+    print(f"max relative error of e^r in float64: {rel:.2e}")
