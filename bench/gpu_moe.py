@@ -330,13 +330,13 @@ def run(args) -> dict:
             K = p.inputs[0][1].shape[1]
             block_m = args.block_m or tm.choose_block_m(int(p.mean_active * N), cfg["num_experts"])
             variants = {
-                "dense": lambda inp: dense(p, inp),
-                "grouped_mm": lambda inp: grouped_mm(p, inp),
-                "unfused": lambda inp: unfused(p, inp, block_m),
-                "fused": lambda inp: fused(p, inp, block_m),
+                "dense": lambda inp, p=p: dense(p, inp),
+                "grouped_mm": lambda inp, p=p: grouped_mm(p, inp),
+                "unfused": lambda inp, p=p, block_m=block_m: unfused(p, inp, block_m),
+                "fused": lambda inp, p=p, block_m=block_m: fused(p, inp, block_m),
             }
             if p.d <= tm.EXPERT_MLP_MAX_WIDTH:
-                variants["fused_mlp"] = lambda inp: fused_mlp(p, inp, block_m)
+                variants["fused_mlp"] = lambda inp, p=p, block_m=block_m: fused_mlp(p, inp, block_m)
             with torch.no_grad():
                 last = p.inputs[(args.iters - 1) % len(p.inputs)]
                 ref = reference_fp32(p, last)
