@@ -11,6 +11,7 @@ import moefx.kernels  # noqa: F401
 from moefx.config import SliceMoEConfig
 from moefx.kernels import cpu, native
 from moefx.layers import SliceMoE
+from test_ops import expert_weights, routing
 
 needs_native = pytest.mark.skipif(
     not sys.platform.startswith("linux") or native._compiler() is None or os.environ.get("MOEFX_NATIVE") == "0",
@@ -135,19 +136,14 @@ def test_slicemoe_with_and_without_native_gelu_agree(monkeypatch):
 
 
 def _expert_case(N, d, E, h, K, glu, bias, seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64) / shape[-1] ** 0.5
-
-    p = dict(w1=rnd(E, h, d), b1=rnd(E, h) if bias else None, w3=rnd(E, h, d) if glu else None,
-             b3=rnd(E, h) if glu and bias else None, w2=rnd(E, d, h), b2=rnd(E, d) if bias else None)
-    probs = torch.rand(N, E, generator=g, dtype=torch.float64).softmax(-1)
-    weight, idx = probs.topk(K, dim=-1)
-    idx[::5, -1] = -1  # capacity drops and unused slots
+    """test_ops' weights and routing (float64), with more holes: every fifth row's last slot is
+    unused, and the last expert is reached by second choices only."""
+    p = expert_weights(E, h, d, glu, bias, seed=seed)
+    idx, weight = routing(N, E, K, seed=seed)
+    idx[::5, -1] = -1
     weight[::5, -1] = 0
-    idx[:, 0][idx[:, 0] == E - 1] = 0  # ... and an expert that only second choices reach
-    return torch.randn(N, d, generator=g, dtype=torch.float64), idx, weight, p
+    idx[:, 0][idx[:, 0] == E - 1] = 0
+    return torch.randn(N, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), idx, weight, p
 
 
 def _spy_expert_mlp(monkeypatch):

@@ -175,16 +175,25 @@ def status() -> str:
     return _state["why"]
 
 
+def _plain_f32(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor whose memory the C code may read directly: plain (a Parameter
+    too), strided, not a functorch wrapper or a tensor subclass."""
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
 def _plain(z: torch.Tensor) -> bool:
     return (
         type(z) is torch.Tensor
-        and z.dtype == torch.float32
-        and z.device.type == "cpu"
-        and z.layout == torch.strided
+        and _plain_f32(z)
         and z.is_contiguous()
         and z.numel() >= MIN_NUMEL
         and not (z.requires_grad and torch.is_grad_enabled())
-        and not torch._C._functorch.is_functorch_wrapped_tensor(z)
     )
 
 
@@ -200,18 +209,6 @@ def gelu_(z: torch.Tensor) -> bool:
     threads = torch.get_num_threads() if _state["threaded"] else 1
     lib.moefx_gelu_f32(z.data_ptr(), z.numel(), threads)
     return True
-
-
-def _plain_f32(t: torch.Tensor) -> bool:
-    """A float32 CPU tensor whose memory the C code may read directly: plain (a Parameter
-    too), strided, not a functorch wrapper or a tensor subclass."""
-    return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
-        and t.dtype == torch.float32
-        and t.device.type == "cpu"
-        and t.layout == torch.strided
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
 
 
 def _readable(t: Optional[torch.Tensor]) -> bool:
