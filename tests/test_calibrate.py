@@ -57,6 +57,32 @@ def test_select_mask_rule_examples():
     assert select_mask(p, None, top_k=3).sum(1).tolist() == [3, 3]
 
 
+def test_expert_output_norms_equal_each_experts_output_norm():
+    from moefx.convert.functional import expert_hidden, expert_output_norms
+
+    model, _ = converted(XMoEConfig(num_experts=6, num_shared=1, threshold=0.7))
+    layer = model.model.layers[0].mlp
+    x = torch.randn(37, 16)
+    with torch.no_grad():
+        h = expert_hidden(layer, x).double()
+        ref = torch.stack([(h[:, e] @ layer.w2[e].double().t()).norm(dim=-1) for e in range(h.shape[1])], 1)
+        got = expert_output_norms(layer, x)
+    assert got.shape == (37, 6)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_experts", [None, 3])
+def test_scale_bisection_counts_what_select_mask_keeps(max_experts):
+    from moefx.convert.router import _kept_fraction, routed_fraction
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 12, generator=g) * 2
+    ranked = logits.sort(dim=-1, descending=True).values
+    for t in (0.3, 0.6, 0.9):
+        for scale in (0.1, 1.0, 4.0):
+            assert _kept_fraction(ranked * scale, t, max_experts) == routed_fraction(logits * scale, t, max_experts)
+
+
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_target_ratio_is_reached_and_fitting_beats_centroid(ratio, capsys):
     cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")

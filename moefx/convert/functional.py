@@ -96,10 +96,12 @@ def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None
 def expert_output_norms(layer, x2d: torch.Tensor) -> torch.Tensor:
     """``||E_e(x)||`` for every token and routed expert: ``[T, E]`` (what an oracle ranks by)."""
     h = expert_hidden(layer, x2d)
-    out = torch.empty(h.shape[0], h.shape[1], dtype=h.dtype)
-    for e in range(h.shape[1]):
-        out[:, e] = (h[:, e] @ layer.w2[e].t()).norm(dim=-1)
-    return out
+    # ||W2_e h_e||^2 = h_e^T (W2_e^T W2_e) h_e: one [h, h] Gram matrix per expert instead of
+    # materialising every expert's [T, d] output (E small GEMMs; slow for many small experts).
+    w2 = layer.w2.to(h.dtype)
+    gram = torch.einsum("edh,edk->ehk", w2, w2)
+    sq = (torch.einsum("teh,ehk->tek", h, gram) * h).sum(-1)
+    return sq.clamp_min(0).sqrt()
 
 
 def activation_ratio(mask: torch.Tensor, num_shared: int) -> float:
