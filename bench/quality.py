@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             label += ", explicit per-layer ratios"
         if rep.distill is not None and rep.distill.steps:
             print(rep.distill.line(), flush=True)
-            label += f", distilled {rep.distill.steps} steps x 512 tokens (lr {args.distill_lr:g})"
+            label += f", distilled {rep.distill.steps} steps x 512 tokens (peak lr {args.distill_lr:g}, warm-up + cosine decay)"
         rows.append((label, ratio, act, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

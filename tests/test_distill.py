@@ -168,3 +168,55 @@ def test_training_blocks_moves_attention_and_norms_but_not_embeddings_or_routers
     assert not any("embed" in n or "lm_head" in n or ".router." in n for n in moved), sorted(moved)
     with pytest.raises(ValueError, match="train='everything'"):
         distill(model, examples, steps=1, train="everything")
+
+
+def test_teacher_outputs_recorded_after_the_layer_wise_fit_are_the_dense_models():
+    """Distillation batches are recorded after calibration with the pre-calibration weights
+    swapped back in: what they record is the dense model's output, and the calibrated weights
+    are back afterwards."""
+    from moefx.convert.calibrate import dense_mode, swapped_weights, teacher_of
+    from moefx.convert.distill import record_teachers
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    model = moefx.convert(copy.deepcopy(dense), XMoEConfig(num_experts=4, num_shared=1, threshold=0.9),
+                          inputs, kwargs, calibration_batches=batches(2))
+    layers = moe_layers(model)
+    originals = {n: [p.detach().clone() for p in m.parameters()] for n, m in layers.items()}
+    teachers = {n: teacher_of(m) for n, m in layers.items()}
+    moefx.calibrate(model, batches(3), target_ratio=0.5, verbose=False, progress=False)
+    probe = batches(3, seed=9)
+    with torch.no_grad():
+        calibrated = [model(b).logits for b in probe]
+        assert not torch.allclose(calibrated[0], dense(probe[0]).logits, atol=1e-4)
+        with swapped_weights(layers, originals, teachers), dense_mode(layers):
+            recorded = record_teachers(model, probe, topk=8, progress=False)
+        for (_, target), b in zip(recorded, probe):
+            ref = teacher_target(dense(b), 8)
+            torch.testing.assert_close(target.values, ref.values, rtol=1e-5, atol=1e-5)
+            assert torch.equal(target.index, ref.index)
+        for b, y in zip(probe, calibrated):
+            assert torch.equal(model(b).logits, y)
+
+
+def test_teacher_recording_stops_at_the_batch_and_time_limits():
+    from moefx.convert.distill import record_teachers
+
+    dense, _, _ = ZOO["llama"]()
+    dense.eval()
+    assert len(record_teachers(dense, batches(6), topk=4, progress=False, max_batches=3)) == 3
+    assert len(record_teachers(dense, batches(6), topk=4, progress=False, seconds=0.0)) == 2
+    assert len(record_teachers(dense, batches(6), topk=4, progress=False, seconds=60.0)) == 6
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor_by_steps_or_time():
+    from moefx.convert.distill import FINAL_LR, WARMUP_STEPS, lr_factor
+
+    rates = [lr_factor(s, 100, 0.0, None) for s in range(100)]
+    assert rates[0] == pytest.approx(1 / WARMUP_STEPS)
+    assert max(rates) == pytest.approx(rates[WARMUP_STEPS - 1], rel=1e-2) and max(rates) <= 1.0
+    assert all(a >= b for a, b in zip(rates[WARMUP_STEPS:], rates[WARMUP_STEPS + 1:]))
+    assert lr_factor(100, 100, 0.0, None) == pytest.approx(FINAL_LR)
+    # a time limit reached before the step count ends the schedule just as well
+    assert lr_factor(10, 100, 30.0, 30.0) == pytest.approx(FINAL_LR)
+    assert lr_factor(10, 100, 15.0, 30.0) == pytest.approx(FINAL_LR + (1 - FINAL_LR) * 0.5)

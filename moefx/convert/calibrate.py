@@ -409,6 +409,34 @@ def calibrate_layer(
     return rep
 
 
+TEACHER_SHARE = 0.25
+"""Share of the distillation time spent recording the teacher's outputs when time is limited:
+a training step (forward and backward of the student) costs about three teacher forwards."""
+
+
+@contextmanager
+def swapped_weights(layers: Dict[str, nn.Module], originals: Dict[str, List[torch.Tensor]], teachers: Dict[str, object]):
+    """The converted layers with their weights from before calibration (``originals``, in
+    ``parameters()`` order) and their dense teachers put back; the calibrated ones on exit."""
+    saved = {}
+    try:
+        for n, layer in layers.items():
+            params = list(layer.parameters())
+            saved[n] = ([p.data for p in params], teacher_of(layer))
+            for p, o in zip(params, originals[n]):
+                p.data = o
+            if teachers.get(n) is not None:
+                layer.moefx_teacher = teachers[n]
+        yield
+    finally:
+        for n, (data, teacher) in saved.items():
+            layer = layers[n]
+            for p, d in zip(layer.parameters(), data):
+                p.data = d
+            if teachers.get(n) is not None:
+                layer.moefx_teacher = teacher
+
+
 DISTILL_RESERVE_S = 10.0
 """Seconds of ``budget_seconds`` kept back for what follows the last distillation step (the
 held-out scoring, putting the model back)."""
@@ -559,8 +587,12 @@ def calibrate(
     tensor), one batch of ``distill_batches`` (default: ``batches``) per step, stopping early
     after ``distill_seconds`` of distillation or when the whole call has run ``budget_seconds``
     (the layer-wise fit always completes; only distillation is cut short). Distinct text helps more than repeats: give it more batches than
-    steps, small ones (e.g. 2 x 256 tokens). The teacher's outputs are recorded in dense mode
-    before any weight changes. On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
+    steps, small ones (e.g. 2 x 256 tokens). The teacher's outputs for ``distill_batches`` are
+    recorded after the layer-wise fit, in dense mode with the pre-calibration weights swapped
+    back in, and only as many batches as the remaining time can train on (a quarter of it goes
+    to recording); the rate warms up and decays to a tenth by the end (:func:`moefx.convert.distill.lr_factor`).
+    Finer experts route better: SmolLM2 with 256 + 64 experts of 5 neurons reached 1.24x at
+    75% (see bench/results-quality.md for 50% and 25%). On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
     tokens took dense perplexity x1.49 -> x1.33 at 75% activation and x2.60 -> x1.92 at 50%,
     ~6 minutes of the 10 (bench/results-quality.md). ``distill_train="blocks"`` also trains
     every other block parameter (attention, norms; never the embeddings, the output head or
@@ -605,8 +637,14 @@ def calibrate(
             for h in hooks:
                 h.remove()
             hooks = []
-            if distill_steps and distill_batches is not None:
-                examples = record_teachers(model, distill_batches, distill_topk, progress=progress)
+        deferred = bool(distill_steps and distill_batches is not None)
+        if deferred:
+            # The teacher outputs of the distillation batches are recorded after the layer-wise
+            # fit, with the converted layers' dense weights swapped back in for the recording: by
+            # then the time left is known, so only as many batches are recorded as the budget can
+            # train on (each costs a forward; ~1/4 of a training step).
+            originals = {n: [p.detach().clone() for p in layers[n].parameters()] for n in names}
+            teachers = {n: teacher_of(layers[n]) for n in names}
         if isinstance(target_ratio, dict):
             ratios = {n: target_ratio.get(n) for n in names}
             budgets = "uniform"
@@ -667,6 +705,15 @@ def calibrate(
             if budget_seconds is not None:
                 left = budget_seconds - (time.perf_counter() - t0) - DISTILL_RESERVE_S
                 seconds = left if seconds is None else min(seconds, left)
+            if deferred:
+                t_rec = time.perf_counter()
+                limit = None if seconds is None else TEACHER_SHARE * seconds
+                with swapped_weights(layers, originals, teachers), torch.no_grad(), dense_mode(layers):
+                    examples = record_teachers(model, distill_batches, distill_topk, progress=progress,
+                                               max_batches=distill_steps + 2, seconds=limit)
+                del originals
+                if seconds is not None:
+                    seconds -= time.perf_counter() - t_rec
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
                                      seconds=seconds, progress=progress, train=distill_train)
     finally:

@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--to", choices=("xmoe", "slicemoe"), required=True, help="the MoE layer kind")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (recipe.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    p.add_argument("--experts", type=int, default=16, help="experts per layer (default 16)")
+    p.add_argument("--experts", type=int, default=16,
+                   help="experts per layer (default 16). XMoE: more, smaller experts route better (SmolLM2 at 75%%: "
+                        "256 + 64 shared gave 1.24x dense perplexity, 64 + 16 gave 1.30x) but run slower on CPU")
     p.add_argument("--threshold", type=float, default=None, help="XMoE probability-mass threshold (default 0.9)")
     p.add_argument("--top-k", type=int, default=None, help="XMoE: fixed top-k instead of a threshold; SliceMoE: k (default 2)")
     p.add_argument("--shared", type=int, default=0, help="XMoE always-on shared experts (default 0)")
@@ -53,7 +55,8 @@ def register(subparsers) -> None:
                         "(one 2 x 256-token batch each; needs --calibrate-tokens; default 0)")
     p.add_argument("--distill-tokens", type=int, default=None,
                    help="distinct tokens for distillation (default: 512 per step, capped at the text available)")
-    p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (Adam, default 1e-4)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, help="peak distillation learning rate (Adam, default 1e-4; warm-up over 4 steps, then cosine "
+                        "decay to a tenth by the end of the step or time budget)")
     p.add_argument("--distill-train", choices=["experts", "blocks"], default="experts",
                    help="what distillation trains: the converted layers' experts (default), or also every other "
                         "block parameter (attention, norms; not the embeddings or the output head)")
