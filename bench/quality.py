@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-train", default="experts", choices=["experts", "blocks"],
                     help="what distillation trains: expert weights, or every block parameter outside the embeddings")
     ap.add_argument("--distill-seconds", type=float, default=None)
+    ap.add_argument("--distill-schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--budget-seconds", type=float, default=590,
                     help="whole-calibration wall-clock budget (issue: at most 10 minutes); distillation stops "
                          "early to stay inside it")
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
                               distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr, distill_train=args.distill_train,
+                              distill_schedule=args.distill_schedule,
                               distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
             label += ", explicit per-layer ratios"
         if rep.distill is not None and rep.distill.steps:
             print(rep.distill.line(), flush=True)
-            label += f", distilled {rep.distill.steps} steps x 512 tokens (peak lr {args.distill_lr:g}, warm-up + cosine decay)"
+            label += f", distilled {rep.distill.steps} steps x 512 tokens (lr {args.distill_lr:g}, {args.distill_schedule})"
         rows.append((label, ratio, act, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

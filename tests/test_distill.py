@@ -220,3 +220,34 @@ def test_learning_rate_warms_up_then_decays_to_its_floor_by_steps_or_time():
     # a time limit reached before the step count ends the schedule just as well
     assert lr_factor(10, 100, 30.0, 30.0) == pytest.approx(FINAL_LR)
     assert lr_factor(10, 100, 15.0, 30.0) == pytest.approx(FINAL_LR + (1 - FINAL_LR) * 0.5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_schedule_sets_the_rate_of_each_step(schedule, monkeypatch):
+    """Each Adam step runs at lr x lr_factor(step) with the cosine schedule, at lr with the
+    constant one; an unknown schedule is refused before any step."""
+    from moefx.convert import distill as distill_mod
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    model = moefx.convert(copy.deepcopy(dense), XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
+                          calibration_batches=batches(2))
+    examples = [(Inputs.of(b), teacher_target(dense(b), 8)) for b in batches(6, seed=2)]
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    rep = distill(model, examples, steps=6, lr=1e-3, schedule=schedule, progress=False)
+    assert rep.steps == 6 and len(seen) == 6
+    if schedule == "constant":
+        assert seen == [1e-3] * 6
+    else:
+        want = [1e-3 * distill_mod.lr_factor(s, 6, 0.0, None) for s in range(6)]
+        assert seen == pytest.approx(want, rel=1e-6)
+        assert seen[0] < seen[3] and seen[-1] < seen[3]
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        distill(model, examples, steps=2, schedule="linear", progress=False)

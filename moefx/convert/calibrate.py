@@ -559,6 +559,7 @@ def calibrate(
     distill_seconds: Optional[float] = None,
     budget_seconds: Optional[float] = None,
     distill_train: str = "experts",
+    distill_schedule: str = "constant",
 ) -> CalibrationReport:
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
@@ -590,9 +591,10 @@ def calibrate(
     steps, small ones (e.g. 2 x 256 tokens). The teacher's outputs for ``distill_batches`` are
     recorded after the layer-wise fit, in dense mode with the pre-calibration weights swapped
     back in, and only as many batches as the remaining time can train on (a quarter of it goes
-    to recording); the rate warms up and decays to a tenth by the end (:func:`moefx.convert.distill.lr_factor`).
+    to recording). ``distill_schedule``: ``"constant"`` (default) or ``"cosine"`` (warm-up, then
+    decay to a tenth by the end: :func:`moefx.convert.distill.lr_factor`).
     Finer experts route better: SmolLM2 with 256 + 64 experts of 5 neurons reached 1.24x at
-    75% (see bench/results-quality.md for 50% and 25%). On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
+    75% against 1.35x for 64 + 16 in the same session (bench/results-quality.md). On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
     tokens took dense perplexity x1.49 -> x1.33 at 75% activation and x2.60 -> x1.92 at 50%,
     ~6 minutes of the 10 (bench/results-quality.md). ``distill_train="blocks"`` also trains
     every other block parameter (attention, norms; never the embeddings, the output head or
@@ -715,7 +717,8 @@ def calibrate(
                 if seconds is not None:
                     seconds -= time.perf_counter() - t_rec
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
-                                     seconds=seconds, progress=progress, train=distill_train)
+                                     seconds=seconds, progress=progress, train=distill_train,
+                                     schedule=distill_schedule)
     finally:
         for h in hooks:
             h.remove()

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--experts", type=int, default=16,
                    help="experts per layer (default 16). XMoE: more, smaller experts route better (SmolLM2 at 75%%: "
-                        "256 + 64 shared gave 1.24x dense perplexity, 64 + 16 gave 1.30x) but run slower on CPU")
+                        "256 + 64 shared gave 1.24x dense perplexity, 64 + 16 gave 1.35x) but run slower on CPU")
     p.add_argument("--threshold", type=float, default=None, help="XMoE probability-mass threshold (default 0.9)")
     p.add_argument("--top-k", type=int, default=None, help="XMoE: fixed top-k instead of a threshold; SliceMoE: k (default 2)")
     p.add_argument("--shared", type=int, default=0, help="XMoE always-on shared experts (default 0)")
@@ -55,8 +55,10 @@ def register(subparsers) -> None:
                         "(one 2 x 256-token batch each; needs --calibrate-tokens; default 0)")
     p.add_argument("--distill-tokens", type=int, default=None,
                    help="distinct tokens for distillation (default: 512 per step, capped at the text available)")
-    p.add_argument("--distill-lr", type=float, default=1e-4, help="peak distillation learning rate (Adam, default 1e-4; warm-up over 4 steps, then cosine "
-                        "decay to a tenth by the end of the step or time budget)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (Adam, default 1e-4; the peak with --distill-schedule cosine)")
+    p.add_argument("--distill-schedule", choices=["constant", "cosine"], default="constant",
+                   help="distillation learning rate over time: constant (default), or a 4-step warm-up then a "
+                        "cosine decay to a tenth by the end of the step or time budget")
     p.add_argument("--distill-train", choices=["experts", "blocks"], default="experts",
                    help="what distillation trains: the converted layers' experts (default), or also every other "
                         "block parameter (attention, norms; not the embeddings or the output head)")
@@ -217,6 +219,7 @@ def run(args) -> int:
         kw = {} if args.steps is None else {"steps": args.steps}
         if args.distill_steps:
             kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_train=args.distill_train,
+                      distill_schedule=args.distill_schedule,
                       distill_batches=calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps,
                                                               seed=1, batch_size=2))
         report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)

@@ -25,8 +25,9 @@ earlier layers' errors. It is short (tens of steps) and cheap per step:
   of the student from the teacher over that partition (exact when the top-k hold all the mass).
   An output that is a plain tensor (no ``.logits``) is matched by relative squared error.
 
-The learning rate warms up over a few steps and decays (cosine) to a tenth by the end of the
-run, the end being whichever limit comes first, steps or seconds (:func:`lr_factor`).
+The learning rate is constant by default; ``schedule="cosine"`` warms it up over a few steps
+and decays it to a tenth by the end of the run, the end being whichever limit comes first,
+steps or seconds (:func:`lr_factor`).
 
 Fresh text matters more than steps: on SmolLM2 (75% activation, 1.49x dense perplexity after
 the layer-wise fit), 48 steps on 24k distinct tokens gave 1.37x where 60 steps cycling over 4k
@@ -81,6 +82,7 @@ class DistillReport:
 _WINDOW = 8
 HELD_OUT_EVERY = 16
 DISTILL_TRAIN = ("experts", "blocks")
+DISTILL_SCHEDULES = ("constant", "cosine")
 """With at least this many examples, one in this many (at most 2) is kept out of training and
 the loss on them is measured before and after: each training step sees a new batch, so the
 training loss moves with the text as much as with the model."""
@@ -150,6 +152,7 @@ def distill(
     progress: bool = True,
     seed: int = 0,
     train: str = "experts",
+    schedule: str = "constant",
 ) -> DistillReport:
     """Train the converted layers of ``model`` on ``examples`` (``(inputs, Target)`` pairs,
     inputs as :func:`moefx.convert.calibrate.run_batch` takes them), one example per Adam step,
@@ -172,6 +175,8 @@ def distill(
         raise ValueError("distill found no converted MoE layer in the model: run moefx.convert(...) first")
     if train not in DISTILL_TRAIN:
         raise ValueError(f"distill(train={train!r}): use one of {', '.join(DISTILL_TRAIN)}")
+    if schedule not in DISTILL_SCHEDULES:
+        raise ValueError(f"distill(schedule={schedule!r}): use one of {', '.join(DISTILL_SCHEDULES)}")
     flags = {p: p.requires_grad for p in model.parameters()}
     routers = {id(p) for layer in layers.values() if is_xmoe(layer) for p in layer.router.parameters()}
     if train == "experts":
@@ -221,8 +226,9 @@ def distill(
                 if not order:
                     order = torch.randperm(len(examples), generator=gen).tolist()
                 inputs, target = examples[order.pop()]
-                for group in opt.param_groups:
-                    group["lr"] = lr * lr_factor(step, steps, time.perf_counter() - t0, seconds)
+                if schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = lr * lr_factor(step, steps, time.perf_counter() - t0, seconds)
                 loss = distill_loss(run_batch(model, inputs), target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
