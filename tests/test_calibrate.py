@@ -73,14 +73,18 @@ def test_expert_output_norms_equal_each_experts_output_norm():
 
 @pytest.mark.parametrize("max_experts", [None, 3])
 def test_scale_bisection_counts_what_select_mask_keeps(max_experts):
-    from moefx.convert.router import _kept_fraction, routed_fraction
+    from types import SimpleNamespace
+
+    from moefx.convert.router import scale_for
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(200, 12, generator=g) * 2
-    ranked = logits.sort(dim=-1, descending=True).values
     for t in (0.3, 0.6, 0.9):
-        for scale in (0.1, 1.0, 4.0):
-            assert _kept_fraction(ranked * scale, t, max_experts) == routed_fraction(logits * scale, t, max_experts)
+        cfg = SimpleNamespace(top_k=None, threshold=t, max_experts=max_experts)
+        for target in (0.12, 0.2):  # reachable: t=0.3 keeps at most 4 of 12, max_experts 3
+            scale = scale_for(logits, cfg, target)
+            kept = float(select_mask(torch.softmax(logits * scale, -1), t, None, max_experts).float().mean())
+            assert kept == pytest.approx(target, abs=0.01)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])

@@ -174,7 +174,7 @@ def test_teacher_outputs_recorded_after_the_layer_wise_fit_are_the_dense_models(
     """Distillation batches are recorded after calibration with the pre-calibration weights
     swapped back in: what they record is the dense model's output, and the calibrated weights
     are back afterwards."""
-    from moefx.convert.calibrate import dense_mode, swapped_weights, teacher_of
+    from moefx.convert.calibrate import dense_mode, swapped_weights
     from moefx.convert.distill import record_teachers
 
     dense, inputs, kwargs = ZOO["llama"]()
@@ -183,13 +183,12 @@ def test_teacher_outputs_recorded_after_the_layer_wise_fit_are_the_dense_models(
                           inputs, kwargs, calibration_batches=batches(2))
     layers = moe_layers(model)
     originals = {n: [p.detach().clone() for p in m.parameters()] for n, m in layers.items()}
-    teachers = {n: teacher_of(m) for n, m in layers.items()}
     moefx.calibrate(model, batches(3), target_ratio=0.5, verbose=False, progress=False)
     probe = batches(3, seed=9)
     with torch.no_grad():
         calibrated = [model(b).logits for b in probe]
         assert not torch.allclose(calibrated[0], dense(probe[0]).logits, atol=1e-4)
-        with swapped_weights(layers, originals, teachers), dense_mode(layers):
+        with swapped_weights(layers, originals), dense_mode(layers):
             recorded = record_teachers(model, probe, topk=8, progress=False)
         for (_, target), b in zip(recorded, probe):
             ref = teacher_target(dense(b), 8)

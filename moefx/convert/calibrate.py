@@ -415,26 +415,28 @@ a training step (forward and backward of the student) costs about three teacher 
 
 
 @contextmanager
-def swapped_weights(layers: Dict[str, nn.Module], originals: Dict[str, List[torch.Tensor]], teachers: Dict[str, object]):
+def swapped_weights(layers: Dict[str, nn.Module], originals: Dict[str, List[torch.Tensor]]):
     """The converted layers with their weights from before calibration (``originals``, in
-    ``parameters()`` order) and their dense teachers put back; the calibrated ones on exit."""
+    ``parameters()`` order); the calibrated ones back on exit. (A SliceMoE layer's dense mode
+    runs its teacher, which calibration keeps until the recording is done.)"""
     saved = {}
     try:
         for n, layer in layers.items():
             params = list(layer.parameters())
-            saved[n] = ([p.data for p in params], teacher_of(layer))
+            saved[n] = [p.data for p in params]
             for p, o in zip(params, originals[n]):
                 p.data = o
-            if teachers.get(n) is not None:
-                layer.moefx_teacher = teachers[n]
         yield
     finally:
-        for n, (data, teacher) in saved.items():
-            layer = layers[n]
-            for p, d in zip(layer.parameters(), data):
+        for n, data in saved.items():
+            for p, d in zip(layers[n].parameters(), data):
                 p.data = d
-            if teachers.get(n) is not None:
-                layer.moefx_teacher = teacher
+
+
+def drop_teacher(layer, fitted: bool) -> None:
+    """Free a calibrated SliceMoE layer's dense teacher (not part of the converted model)."""
+    if fitted and teacher_of(layer) is not None:
+        layer.moefx_teacher = None
 
 
 DISTILL_RESERVE_S = 10.0
@@ -646,7 +648,6 @@ def calibrate(
             # then the time left is known, so only as many batches are recorded as the budget can
             # train on (each costs a forward; ~1/4 of a training step).
             originals = {n: [p.detach().clone() for p in layers[n].parameters()] for n in names}
-            teachers = {n: teacher_of(layers[n]) for n in names}
         if isinstance(target_ratio, dict):
             ratios = {n: target_ratio.get(n) for n in names}
             budgets = "uniform"
@@ -698,8 +699,8 @@ def calibrate(
             )
             report.layers.append(rep)
             report.tokens = rep.tokens
-            if fit_experts and teacher_of(layer) is not None:
-                layer.moefx_teacher = None
+            if not deferred:
+                drop_teacher(layer, fit_experts)
             del x, target
         store.close()
         if distill_steps:
@@ -710,10 +711,12 @@ def calibrate(
             if deferred:
                 t_rec = time.perf_counter()
                 limit = None if seconds is None else TEACHER_SHARE * seconds
-                with swapped_weights(layers, originals, teachers), torch.no_grad(), dense_mode(layers):
+                with swapped_weights(layers, originals), torch.no_grad(), dense_mode(layers):
                     examples = record_teachers(model, distill_batches, distill_topk, progress=progress,
                                                max_batches=distill_steps + 2, seconds=limit)
                 del originals
+                for layer in layers.values():
+                    drop_teacher(layer, fit_experts)
                 if seconds is not None:
                     seconds -= time.perf_counter() - t_rec
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,

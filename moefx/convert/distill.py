@@ -81,11 +81,11 @@ class DistillReport:
 
 _WINDOW = 8
 HELD_OUT_EVERY = 16
-DISTILL_TRAIN = ("experts", "blocks")
-DISTILL_SCHEDULES = ("constant", "cosine")
 """With at least this many examples, one in this many (at most 2) is kept out of training and
 the loss on them is measured before and after: each training step sees a new batch, so the
 training loss moves with the text as much as with the model."""
+DISTILL_TRAIN = ("experts", "blocks")
+DISTILL_SCHEDULES = ("constant", "cosine")
 
 
 @torch.no_grad()

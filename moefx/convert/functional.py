@@ -22,20 +22,26 @@ def select_mask(
 ) -> torch.Tensor:
     """SPEC §1 selection as a boolean mask ``[T, E]``: the smallest descending prefix of
     experts whose probability mass reaches ``threshold`` (rank 0 always), or the top ``top_k``."""
-    T, E = probs.shape
     sorted_p, order = probs.sort(dim=-1, descending=True)
     if top_k:
         keep = torch.zeros_like(sorted_p, dtype=torch.bool)
         keep[:, :top_k] = True
     else:
-        before = sorted_p.cumsum(-1) - sorted_p
-        keep = before < threshold
-        keep[:, 0] = True
-        if max_experts:
-            keep[:, max_experts:] = False
+        keep = kept_prefix(sorted_p, threshold, max_experts)
     mask = torch.zeros_like(keep)
     mask.scatter_(1, order, keep)
     return mask
+
+
+def kept_prefix(sorted_p: torch.Tensor, threshold: float, max_experts: Optional[int] = None) -> torch.Tensor:
+    """The threshold rule on probabilities already sorted descending per token: ``[T, E]`` bool,
+    True for the ranks kept (mass before the rank below ``threshold``; rank 0 always; at most
+    ``max_experts``)."""
+    keep = (sorted_p.cumsum(-1) - sorted_p) < threshold
+    keep[:, 0] = True
+    if max_experts:
+        keep[:, max_experts:] = False
+    return keep
 
 
 def router_probs(layer, x2d: torch.Tensor) -> torch.Tensor:

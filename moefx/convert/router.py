@@ -15,12 +15,11 @@ calibration tokens; ranking is unchanged, only how much mass the leaders hold.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .functional import select_mask
+from .functional import kept_prefix
 
 
 def fit_router(
@@ -68,11 +67,6 @@ def fit_router(
     return loss_val
 
 
-def routed_fraction(logits: torch.Tensor, threshold: float, max_experts: Optional[int] = None) -> float:
-    mask = select_mask(torch.softmax(logits, -1), threshold, None, max_experts)
-    return float(mask.float().mean())
-
-
 def calibrate_scale(
     layer, x2d: torch.Tensor, target_routed: float, iters: int = 40
 ) -> float:
@@ -95,16 +89,6 @@ def calibrate_scale(
     return scale
 
 
-def _kept_fraction(ranked_logits: torch.Tensor, threshold: float, max_experts: Optional[int]) -> float:
-    """Mean fraction of experts the threshold rule keeps, from logits sorted descending per token."""
-    p = torch.softmax(ranked_logits, dim=-1)
-    keep = (p.cumsum(-1) - p) < threshold
-    keep[:, 0] = True
-    if max_experts:
-        keep[:, max_experts:] = False
-    return float(keep.float().mean())
-
-
 def scale_for(base: torch.Tensor, cfg, target_routed: float, iters: int = 40) -> float:
     """The logit scale at which the threshold rule keeps ``target_routed`` of the routed
     experts on average over the logits ``base [T, E]`` (bisection on log-scale)."""
@@ -113,13 +97,12 @@ def scale_for(base: torch.Tensor, cfg, target_routed: float, iters: int = 40) ->
     E = base.shape[-1]
     target = min(max(target_routed, 1.0 / E), 1.0)
     # A positive scale never changes the ranking, so the logits are sorted once and each
-    # bisection step only counts the kept prefix (what select_mask would keep, without the
-    # sort and scatter: 40 steps on [T, E] logits).
+    # bisection step only applies select_mask's prefix rule (no sort or scatter per step).
     ranked = base.float().sort(dim=-1, descending=True).values
     lo, hi = -12.0, 12.0  # log-scale bounds: fraction(lo) ~ all, fraction(hi) ~ top-1
     for _ in range(iters):
         mid = (lo + hi) / 2
-        frac = _kept_fraction(ranked * math.exp(mid), cfg.threshold, cfg.max_experts)
+        frac = float(kept_prefix(torch.softmax(ranked * math.exp(mid), -1), cfg.threshold, cfg.max_experts).float().mean())
         if frac > target:
             lo = mid
         else:
