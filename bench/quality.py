@@ -103,16 +103,24 @@ def main(argv=None) -> int:
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
             print("per-layer budgets: " + " ".join(f"{v:.2f}" for v in rep.budgets.values()), flush=True)
-        ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
+        with moefx.metrics.collect(model) as stats:
+            ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
         act = rep.mean("ratio_after")
+        act_eval = in_model_activation(model, stats)
+        with moefx.metrics.collect(model) as cal_stats, torch.no_grad():
+            for b in cal[:1]:
+                model(b)
+        print(f"activation on {cal[0].numel()} calibration tokens, in the converted model: "
+              f"{in_model_activation(model, cal_stats):.3f} (layer-wise, on the dense model's activations: {act:.3f})",
+              flush=True)
         if isinstance(ratio, dict):
             ratio = sum(ratio.values()) / len(ratio)
             label += ", explicit per-layer ratios"
         if rep.distill is not None and rep.distill.steps:
             print(rep.distill.line(), flush=True)
             label += f", distilled {rep.distill.steps} steps x 512 tokens (lr {args.distill_lr:g}, {args.distill_schedule})"
-        rows.append((label, ratio, act, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
-        print(f"{label} target={ratio} act={act:.3f} ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
+        rows.append((label, ratio, act, act_eval, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
+        print(f"{label} target={ratio} act={act:.3f} (evaluation text, in the model: {act_eval:.3f}) ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)
         del model
     table = [
@@ -127,11 +135,12 @@ def main(argv=None) -> int:
            f"batches drawn from {args.distill_tokens} calibration-split tokens" if args.distill_steps else "")
         + ". 'calibrate s' includes distillation.",
         "",
-        "| model | target act. | measured act. (calib.) | perplexity | x dense | mean layer rel. err | convert s | calibrate s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | target act. | measured act. (calib., layer-wise) | measured act. (eval., in model) | perplexity "
+        "| x dense | mean layer rel. err | convert s | calibrate s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, ratio, act, ppl, x, err, tc, tk in rows:
-        table.append(f"| {label} | {'-' if ratio is None else f'{ratio:.2f}'} | {act:.3f} | {ppl:.2f} | "
+    for label, ratio, act, act_eval, ppl, x, err, tc, tk in rows:
+        table.append(f"| {label} | {'-' if ratio is None else f'{ratio:.2f}'} | {act:.3f} | {act_eval:.3f} | {ppl:.2f} | "
                      f"{x:.2f} | {err:.3f} | {tc:.0f} | {tk:.0f} |")
     text = "\n".join(table) + "\n"
     print(text)
@@ -139,6 +148,19 @@ def main(argv=None) -> int:
         with open(args.out, "a", encoding="utf-8") as fh:
             fh.write("\n" + text)
     return 0
+
+
+def in_model_activation(model, stats) -> float:
+    """Mean activation ratio (shared groups included) over the XMoE layers, as the converted
+    model routed the text it ran under ``stats`` (``moefx.metrics.collect`` counts)."""
+    from moefx.convert.calibrate import is_xmoe, moe_layers
+
+    ratios = []
+    for name, layer in moe_layers(model).items():
+        if is_xmoe(layer) and name in stats:
+            E, S = layer.config.num_experts, layer.config.num_shared
+            ratios.append((stats[name].activation_ratio * E + S) / (E + S))
+    return sum(ratios) / len(ratios) if ratios else float("nan")
 
 
 def _rebind(matches, model):
