@@ -137,7 +137,7 @@ def bench_layer(d: int, d_ff: int, experts: int, shapes, workdir: str, min_secon
                     best[name] = (latency, runs)
         for name, target, active, contrib, sess in sessions:
             latency, runs = best[name]
-            rows.append(dict(part="layer", experts=experts, name=name, target=target, active=active, shape=f"{b}x{s}",
+            rows.append(dict(part="layer", d=d, d_ff=d_ff, experts=experts, name=name, target=target, active=active, shape=f"{b}x{s}",
                              tokens=b * s, latency_ms=latency * 1e3, tok_s=b * s / latency, runs=runs,
                              contrib=contrib))
             print(f"{name:<40} {b}x{s:<5} {latency * 1e3:9.2f} ms  {b * s / latency:12.0f} tok/s  "
@@ -200,9 +200,10 @@ def write_markdown(path: Path, rows: list, notes: list, header: dict) -> None:
         f"{header['load_end']} at end (timings are noisy, ratios within one run are the meaningful part)",
         "",
     ]
-    blocks = [(f"Single layer, d=576, d_ff=1536 (SwiGLU), {e} experts x {1536 // e}",
-               [r for r in rows if r["part"] == "layer" and r["experts"] == e])
-              for e in dict.fromkeys(r["experts"] for r in rows if r["part"] == "layer")]
+    layers = [r for r in rows if r["part"] == "layer"]
+    blocks = [(f"Single layer, d={d}, d_ff={d_ff} (SwiGLU), {e} experts x {d_ff // e}",
+               [r for r in layers if (r["d"], r["d_ff"], r["experts"]) == (d, d_ff, e)])
+              for d, d_ff, e in dict.fromkeys((r["d"], r["d_ff"], r["experts"]) for r in layers)]
     blocks.append(("Whole model", [r for r in rows if r["part"] == "model"]))
     verdicts, met = [], True
     for title, sel in blocks:
@@ -242,6 +243,10 @@ def main(argv=None) -> int:
                              "values give one block of rows each (default 16)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results-onnx.md")))
     args = parser.parse_args(argv)
+    bad = [e for e in args.experts if e < 4 or e % 4 or 1536 % e]
+    if bad:
+        parser.error(f"--experts {' '.join(map(str, bad))}: each count must be a multiple of 4 (top-E/4 is the "
+                     f"25% row) that divides d_ff = 1536, e.g. 4 8 16 32")
     torch.set_num_threads(THREADS)
     import onnx
     import onnxruntime
