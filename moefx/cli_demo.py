@@ -99,7 +99,7 @@ def run(args) -> int:
     print()
     print(f"{'':<28}{'perplexity':>12}{'x dense':>10}")
     print(f"{'dense':<28}{dense_ppl:>12.3f}{1.0:>10.2f}")
-    act = report.mean("ratio_after")
+    act = report.mean("ratio")
     label = f"XMoE (activation {act:.2f})"
     print(f"{label:<28}{moe_ppl:>12.3f}{moe_ppl / dense_ppl:>10.2f}")
     print(f"total {time.perf_counter() - t0:.0f} s (calibration {report.seconds:.0f} s)")

@@ -68,10 +68,11 @@ def test_distillation_brings_the_model_closer_to_dense_and_trains_only_experts()
     model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
     held_out = batches(3, seed=7)
     plain = copy.deepcopy(model)
-    moefx.calibrate(plain, batches(4), target_ratio=0.5, verbose=False, progress=False)
+    # rescale=False: the final in-model rescale would move the routers (tested on its own)
+    moefx.calibrate(plain, batches(4), target_ratio=0.5, verbose=False, progress=False, rescale=False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     rep = moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False,
-                          distill_steps=40, distill_batches=batches(40, seed=3), distill_lr=3e-3)
+                          distill_steps=40, distill_batches=batches(40, seed=3), distill_lr=3e-3, rescale=False)
     d = rep.distill
     assert d.steps == 40 and d.tokens == 40 * 2 * 16
     assert d.loss_last < d.loss_first
@@ -250,3 +251,44 @@ def test_the_schedule_sets_the_rate_of_each_step(schedule, monkeypatch):
         assert seen[0] < seen[3] and seen[-1] < seen[3]
     with pytest.raises(ValueError, match="schedule='linear'"):
         distill(model, examples, steps=2, schedule="linear", progress=False)
+
+
+def in_model_ratio(model, inputs_list):
+    """Mean activation ratio (shared groups included) of the XMoE layers, counted by the
+    layers' own routing while the model runs ``inputs_list``."""
+    layers = moe_layers(model)
+    with moefx.metrics.collect(model) as stats:
+        with torch.no_grad():
+            for b in inputs_list:
+                model(b)
+    ratios = [(stats[n].activation_ratio * l.config.num_experts + l.config.num_shared)
+              / (l.config.num_experts + l.config.num_shared) for n, l in layers.items()]
+    return sum(ratios) / len(ratios)
+
+
+def test_final_rescale_meets_the_ratio_on_the_converted_models_own_inputs():
+    """Distillation that trains the blocks moves every layer's inputs, so the scale set on the
+    dense model's activations no longer gives the asked ratio; the final rescale (default)
+    sets it on the converted model's own inputs, and the report says what each layer keeps there."""
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=16, num_shared=2, threshold=0.9, router="fitted")
+    cal = batches(4, rows=8)
+    reports = {}
+    for rescale in (False, True):
+        model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=cal[:1])
+        rep = moefx.calibrate(model, cal, target_ratio=0.5, verbose=False, progress=False, distill_steps=30,
+                              distill_batches=batches(30, seed=3), distill_lr=3e-2, distill_train="blocks",
+                              rescale=rescale)
+        reports[rescale] = (rep, in_model_ratio(model, cal))
+    (plain, plain_ratio), (rescaled, ratio) = reports[False], reports[True]
+    assert abs(plain_ratio - 0.5) > 0.02  # the drift the rescale is for
+    assert abs(ratio - 0.5) < 0.02
+    # the report's in-model ratios are what the layers kept in the rescale pass (one pass: a
+    # layer's new scale shifts the later layers' inputs a little)
+    assert rescaled.mean("ratio_model") == pytest.approx(ratio, abs=0.01)
+    assert rescaled.mean("ratio_model") == pytest.approx(0.5, abs=0.01)
+    assert all(r.ratio_model != r.ratio_model for r in plain.layers)  # NaN: not measured
+    assert all(r.ratio == r.ratio_after for r in plain.layers)
+    assert all(r.ratio == r.ratio_model for r in rescaled.layers)
+    assert "in model" in rescaled.table() and "in model" not in plain.table()

@@ -164,14 +164,14 @@ def summary_table(model, report) -> str:
     for e in entries:
         layer = model.get_submodule(e["target"]) if e["target"] else model
         r = by_name.get(e["target"])
-        ratio = r.ratio_after if r else 1.0
+        ratio = r.ratio if r else 1.0
         params, flops = layer_cost(layer, ratio)
         tot[0] += e["dense_params"]; tot[1] += params; tot[2] += e["dense_flops_per_token"]; tot[3] += flops
         rows.append(f"{e['target'][-34:]:<34} {e['kind']:<8} {_fmt(e['dense_params']):>12} {_fmt(params):>10} "
                     f"{_fmt(e['dense_flops_per_token']):>15} {_fmt(flops):>13} {ratio:>6.3f} "
                     f"{(r.rel_err_after if r else float('nan')):>8.4f} {(r.cos_after if r else float('nan')):>7.4f}")
     rows.append("-" * len(rows[0]))
-    mean_act = report.mean("ratio_after") if report.layers else float("nan")
+    mean_act = report.mean("ratio") if report.layers else float("nan")
     mean_err = report.mean("rel_err_after") if report.layers else float("nan")
     rows.append(f"{f'total: {len(entries)} layers converted':<34} {'':<8} {_fmt(tot[0]):>12} {_fmt(tot[1]):>10} "
                 f"{_fmt(tot[2]):>15} {_fmt(tot[3]):>13} {mean_act:>6.3f} {mean_err:>8.4f}")
