@@ -192,3 +192,13 @@ def test_training_forward_of_slicemoe_matches_the_layer():
     x = torch.randn(20, 16)
     with torch.no_grad():
         torch.testing.assert_close(slicemoe_forward(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_routed_share_is_the_inverse_of_activation_ratio():
+    from moefx.convert.functional import activation_ratio, routed_share
+
+    g = torch.Generator().manual_seed(5)
+    for E, S in ((16, 0), (64, 16), (256, 64)):
+        mask = torch.rand(50, E, generator=g) < torch.rand(1, generator=g)
+        share = float(mask.float().mean())
+        assert routed_share(activation_ratio(mask, S), E, S) == pytest.approx(share, abs=1e-6)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import (activation_ratio, expert_hidden, expert_output_norms, layer_mask, masked_forward,
-                         select_mask, shared_hidden)
+                         routed_share, select_mask, shared_hidden)
 from .rewrite import set_mode
 from .router import calibrate_scale, fit_router, scale_for
 
@@ -408,9 +408,7 @@ def calibrate_layer(
                 norms = torch.cat([expert_output_norms(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
             _fit(layer, x2d, norms, router_steps)
         if target_ratio is not None:
-            E, S = cfg.num_experts, cfg.num_shared
-            routed = (target_ratio * (E + S) - S) / E
-            calibrate_scale(layer, x2d, routed)
+            calibrate_scale(layer, x2d, routed_share(target_ratio, cfg.num_experts, cfg.num_shared))
         if fit_experts:
             with torch.no_grad():
                 mask = torch.cat([layer_mask(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
@@ -490,7 +488,7 @@ def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID
         denom = float(target.pow(2).sum().clamp(min=1e-12))
         points = {}
         for r in grid:
-            routed = (r * (E + S) - S) / E
+            routed = routed_share(r, E, S)
             if routed < 1.0 / E - 1e-9:
                 continue
             scale = scale_for(logits, cfg, routed)
@@ -568,10 +566,10 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
     model every layer sees inputs already changed by the converted layers before it, and
     distillation that trains the blocks moves them further. On SmolLM2 (256 + 64 experts,
     distilled) the converted model kept 0.478 where 0.500 was asked (0.749 for 0.750 at 75%).
-    One forward of ``max_tokens`` calibration tokens records every layer's router logits; a
+    One forward of ``max_tokens`` calibration tokens records every layer's inputs; a
     layer's new scale changes the inputs of the layers after it only slightly, so one pass is
     enough (the returned ratios are those of that pass, before the later layers' inputs shifted)."""
-    logits: Dict[str, List[torch.Tensor]] = {}
+    inputs: Dict[str, List[torch.Tensor]] = {}
     todo = {n: l for n, l in layers.items() if is_xmoe(l) and ratios.get(n) is not None
             and l.config.top_k is None and l.config.threshold not in (0, 1)}
     if not todo or not batches:
@@ -579,8 +577,7 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
 
     def hook(name):
         def record(mod, args):
-            x = args[0].reshape(-1, mod.d_model).float()
-            logits.setdefault(name, []).append(F.linear(x, mod.router.weight.float()))
+            inputs.setdefault(name, []).append(args[0].detach().reshape(-1, mod.d_model).float())
         return record
 
     hooks = [layer.register_forward_pre_hook(hook(n)) for n, layer in todo.items()]
@@ -591,22 +588,19 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
                 if seen >= max_tokens:
                     break
                 run_batch(model, b)
-                seen = sum(t.shape[0] for t in next(iter(logits.values()), []))
+                seen = sum(t.shape[0] for t in next(iter(inputs.values()), []))
     finally:
         for h in hooks:
             h.remove()
     kept = {}
     for name, layer in todo.items():
-        if name not in logits:
+        if name not in inputs:
             continue
-        z = torch.cat(logits.pop(name))
+        x = torch.cat(inputs.pop(name))
         cfg = layer.config
-        E, S = cfg.num_experts, cfg.num_shared
-        scale = scale_for(z, cfg, (ratios[name] * (E + S) - S) / E)
+        calibrate_scale(layer, x, routed_share(ratios[name], cfg.num_experts, cfg.num_shared))
         with torch.no_grad():
-            layer.router.weight.mul_(scale)
-            mask = select_mask(torch.softmax(z * scale, -1), cfg.threshold, None, cfg.max_experts)
-        kept[name] = activation_ratio(mask, S)
+            kept[name] = activation_ratio(layer_mask(layer, x), cfg.num_shared)
     return kept
 
 

@@ -114,3 +114,9 @@ def activation_ratio(mask: torch.Tensor, num_shared: int) -> float:
     """Fraction of the FFN's expert groups a token computes, shared groups included."""
     E = mask.shape[1]
     return float((mask.float().sum(1).mean() + num_shared) / (E + num_shared))
+
+
+def routed_share(ratio: float, num_experts: int, num_shared: int) -> float:
+    """The share of the routed experts a token must keep for the layer's activation ratio
+    (shared groups included, as :func:`activation_ratio` counts) to be ``ratio``."""
+    return (ratio * (num_experts + num_shared) - num_shared) / num_experts
