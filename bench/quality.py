@@ -5,7 +5,7 @@ All 30 FFNs are converted through the public API (``moefx.convert``), calibrated
 docstrings of a disjoint set (``moefx.data``). One row per target activation ratio, plus
 SliceMoE (S=8, E=16, k=2). Prints a markdown table and appends it to ``--out`` if given.
 
-    python bench/quality.py --ratios 0.75 0.5 0.25 --calib-tokens 4096 --eval-tokens 2048
+    python bench/quality.py --ratios 0.75 0.5 0.25 --calib-tokens 32768 --eval-tokens 2048
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--shared", type=int, default=4)
     ap.add_argument("--split", default="kmeans")
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=32768,
+                    help="tokens for the layer-wise fit (default 32768: routers fit on fewer generalise worse)")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=0, help="Adam steps per layer after the closed-form fit")
     ap.add_argument("--slicemoe", action="store_true", help="also convert to SliceMoE (S=8, E=16, k=2)")

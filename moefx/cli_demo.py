@@ -7,8 +7,9 @@ for 16 + 4, and no slower to calibrate; see bench/results-quality.md), calibrate
 layer on docstrings of other modules at a target mean activation ratio (first and last layers
 get more than the middle ones: ``--budgets inverse``, 1.49x vs 1.55x uniform), distils the
 whole model toward the dense one for a short while (``--distill-steps``, default 32 steps of
-2 x 256 tokens, about three minutes here; bench/quality.py runs 96 for 1.33x), and prints
-dense against converted perplexity and the conversion summary.
+2 x 256 tokens, about two minutes here, on the teacher outputs that calibration's own dense
+pass over its 16384 tokens recorded), and prints dense against converted perplexity and the
+conversion summary: 1.29x dense perplexity at 75% in about six minutes (bench/RESULTS.md).
 ``--model`` takes any MODEL form for a quick look at another model (without a tokenizer the
 text is replaced by random token ids, which only shows that the pipeline runs).
 """
@@ -32,10 +33,12 @@ def register(subparsers) -> None:
     p.add_argument("--budgets", default="inverse", choices=["uniform", "relative", "absolute", "inverse"],
                    help="per-layer activation budgets (calibrate(budgets=...)); default inverse: "
                         "1.49x vs 1.55x uniform on SmolLM2 at 75%%")
-    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--calib-tokens", type=int, default=16384,
+                   help="calibration tokens (default 16384: routers fit on more tokens route better, and "
+                        "their teacher outputs serve the distillation steps)")
     p.add_argument("--distill-steps", type=int, default=32,
                    help="end-to-end distillation steps after the layer-wise fit, 2 x 256 tokens each "
-                        "(default 32, ~3 minutes here; 0 skips it; bench/quality.py uses 96)")
+                        "(default 32, ~2 minutes here; 0 skips it; bench/quality.py runs as many as 10 minutes allow)")
     p.add_argument("--distill-tokens", type=int, default=None,
                    help="distinct tokens for distillation (default 512 per step)")
     p.add_argument("--eval-tokens", type=int, default=1024)

@@ -202,3 +202,13 @@ def test_routed_share_is_the_inverse_of_activation_ratio():
         mask = torch.rand(50, E, generator=g) < torch.rand(1, generator=g)
         share = float(mask.float().mean())
         assert routed_share(activation_ratio(mask, S), E, S) == pytest.approx(share, abs=1e-6)
+
+
+def test_spaced_keeps_inputs_and_targets_paired():
+    from moefx.convert.functional import spaced
+
+    x = torch.arange(100).float().unsqueeze(1)
+    assert torch.equal(spaced(x, 100), x) and torch.equal(spaced(x, 200), x)
+    rows = spaced(x, 10)
+    assert rows.shape == (10, 1) and rows[0, 0] == 0 and rows[-1, 0] == 99
+    assert torch.equal(spaced(2 * x, 10), 2 * rows)

@@ -292,3 +292,70 @@ def test_final_rescale_meets_the_ratio_on_the_converted_models_own_inputs():
     assert all(r.ratio == r.ratio_after for r in plain.layers)
     assert all(r.ratio == r.ratio_model for r in rescaled.layers)
     assert "in model" in rescaled.table() and "in model" not in plain.table()
+
+
+def test_calibration_batches_are_distillation_examples_and_their_repeats_are_not_recorded_again(monkeypatch):
+    """The dense pass of calibration records the teacher outputs of the calibration batches, so
+    they are distillation examples without a second forward, cut to the distillation batches'
+    size; a distillation batch that repeats one of them is skipped, and only new ones are
+    recorded after the layer-wise fit."""
+    from moefx.convert import distill as D
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    model = moefx.convert(dense, XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
+                          calibration_batches=batches(2))
+    cal, extra = batches(2, rows=4), batches(2, seed=5)
+    pieces = [c[s : s + 2] for c in cal for s in (0, 2)]
+    recorded, trained = [], []
+    real_record, real_distill = D.record_teachers, D.distill
+
+    def record(model, bs, *a, **k):
+        bs = list(bs)
+        recorded.extend(bs)
+        return real_record(model, bs, *a, **k)
+
+    def train(model, examples, **k):
+        trained.extend(i.args[0] for i, _ in examples)
+        return real_distill(model, examples, **k)
+
+    monkeypatch.setattr(D, "record_teachers", record)
+    monkeypatch.setattr(D, "distill", train)
+    rep = moefx.calibrate(model, cal, target_ratio=0.6, verbose=False, progress=False, distill_steps=6,
+                          distill_batches=[p.clone() for p in pieces[1:]] + extra)
+    assert len(recorded) == 2 and all(torch.equal(r, e) for r, e in zip(recorded, extra))
+    assert len(trained) == 6 and all(torch.equal(t, b) for t, b in zip(trained, pieces + extra))
+    assert rep.distill.steps == 6 and rep.distill.tokens == 6 * 2 * 16
+    # enough calibration examples for every step (and the held-out pair): nothing more is recorded
+    recorded.clear()
+    moefx.calibrate(model, batches(4), target_ratio=0.6, verbose=False, progress=False, distill_steps=2,
+                    distill_batches=extra)
+    assert recorded == []
+
+
+def test_split_rows_cuts_inputs_and_targets_alike_or_leaves_them_whole():
+    from moefx.convert.calibrate import split_rows
+
+    ids = torch.arange(4 * 3).reshape(4, 3)
+    target = Target(values=torch.randn(4, 3, 5), index=torch.zeros(4, 3, 5, dtype=torch.int32))
+    parts = split_rows(Inputs((ids,), {"attention_mask": torch.ones(4, 3)}), target, 2)
+    assert len(parts) == 2
+    for k, (inp, t) in enumerate(parts):
+        assert torch.equal(inp.args[0], ids[2 * k : 2 * k + 2]) and inp.kwargs["attention_mask"].shape == (2, 3)
+        assert torch.equal(t.values, target.values[2 * k : 2 * k + 2]) and t.dense is None
+    whole = Inputs((ids,), {"position_ids": torch.arange(3).unsqueeze(0)})  # a [1, seq] input: not cut
+    assert len(split_rows(whole, target, 2)) == 1
+    assert len(split_rows(Inputs((ids,), {}), target, None)) == 1
+    assert len(split_rows(Inputs((ids,), {}), target, 4)) == 1
+
+
+def test_batch_key_tells_batches_apart_by_content():
+    from moefx.convert.calibrate import batch_key
+
+    a = torch.arange(12).reshape(2, 6)
+    assert batch_key(Inputs.of(a)) == batch_key(Inputs.of(a.clone()))
+    assert batch_key(Inputs.of(a)) != batch_key(Inputs.of(a + 1))
+    assert batch_key(Inputs.of(a)) != batch_key(Inputs.of(a.reshape(3, 4)))
+    assert batch_key(Inputs.of(a)) != batch_key(Inputs.of(a.to(torch.int32)))
+    x = torch.randn(2, 3, dtype=torch.bfloat16)
+    assert batch_key(Inputs.of({"x": x, "flag": True})) == batch_key(Inputs.of({"flag": True, "x": x.clone()}))
+    assert batch_key(Inputs.of({"x": x, "flag": True})) != batch_key(Inputs.of({"x": x, "flag": False}))

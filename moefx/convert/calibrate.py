@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import (activation_ratio, expert_hidden, expert_output_norms, layer_mask, masked_forward,
-                         routed_share, select_mask, shared_hidden)
+from .functional import (SCALE_TOKENS, activation_ratio, expert_hidden, expert_output_norms, layer_mask,
+                         masked_forward, routed_share, select_mask, shared_hidden, spaced)
 from .rewrite import set_mode
 from .router import calibrate_scale, fit_router, scale_for
 
@@ -284,9 +284,10 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
                 feats.insert(0, shared_hidden(layer, xb))
             if has_bias:
                 feats.append(torch.ones(xb.shape[0], 1))
-            fb = torch.cat(feats, 1).double()
-            g = fb.t() @ fb
-            r = fb.t() @ target[s : s + 4096].double()
+            # float32 products per 4096-token chunk (half the time of float64 ones), summed in float64
+            fb = torch.cat(feats, 1)
+            g = (fb.t() @ fb).double()
+            r = (fb.t() @ target[s : s + 4096].float()).double()
             gram = g if gram is None else gram + g
             rhs = r if rhs is None else rhs + r
         prior = []
@@ -378,6 +379,15 @@ def slicemoe_forward(layer, x2d: torch.Tensor) -> torch.Tensor:
     return out.reshape(x2d.shape)
 
 
+FIT_TOKENS = 16384
+"""Most tokens (evenly spaced) an XMoE layer's experts are refit on; its router fits on all the
+calibration tokens (SmolLM2: routers fit on 16k tokens instead of 4k cut their held-out error
+by 6-12%; the experts' ridge refit costs twice the router's time per token)."""
+
+REPORT_TOKENS = SCALE_TOKENS
+"""Tokens (evenly spaced) a layer's report measures its errors and ratio on."""
+
+
 def calibrate_layer(
     layer,
     x2d: torch.Tensor,
@@ -392,21 +402,30 @@ def calibrate_layer(
     ridge: float = 1.0,
     batch: int = 1024,
     name: str = "",
+    router_x: Optional[torch.Tensor] = None,
 ) -> LayerReport:
+    """Fit one converted layer to ``target``, its dense FFN's output on ``x2d``: the router (on
+    ``router_x`` if given, a superset of ``x2d``'s tokens: a router fits better on more tokens,
+    and needs no dense output), its scale for ``target_ratio``, then the experts."""
     t0 = time.perf_counter()
     x2d = x2d.float()
     target = target.float()
+    # The report's errors and ratios are measured on the tokens calibrate_scale sets the scale on
+    # (all of them up to REPORT_TOKENS): the full set would double a layer's time at 16k tokens.
+    xs, ts = spaced(x2d, REPORT_TOKENS), spaced(target, REPORT_TOKENS)
     with torch.no_grad():
-        y0, r0 = layer_output(layer, x2d)
-    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", x2d.shape[0], *_errors(y0, target), r0)
+        y0, r0 = layer_output(layer, xs)
+    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", x2d.shape[0], *_errors(y0, ts), r0)
     if is_xmoe(layer):
         cfg = layer.config
         if fit_router is None:
             fit_router = cfg.router == "fitted"
         if fit_router:
+            xr = x2d if router_x is None else router_x.float()
             with torch.no_grad():
-                norms = torch.cat([expert_output_norms(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
-            _fit(layer, x2d, norms, router_steps)
+                norms = torch.cat([expert_output_norms(layer, xr[s : s + 4096]) for s in range(0, xr.shape[0], 4096)])
+            _fit(layer, xr, norms, router_steps)
+            del xr
         if target_ratio is not None:
             calibrate_scale(layer, x2d, routed_share(target_ratio, cfg.num_experts, cfg.num_shared))
         if fit_experts:
@@ -417,16 +436,52 @@ def calibrate_layer(
     elif fit_experts:
         finetune(layer, x2d, target, steps or 200, lr or 1e-3, batch=batch)
     with torch.no_grad():
-        y1, r1 = layer_output(layer, x2d)
-    rep.rel_err_after, rep.cos_after = _errors(y1, target)
+        y1, r1 = layer_output(layer, xs)
+    rep.rel_err_after, rep.cos_after = _errors(y1, ts)
     rep.ratio_after = r1
     rep.seconds = time.perf_counter() - t0
     return rep
 
 
-TEACHER_SHARE = 0.25
-"""Share of the distillation time spent recording the teacher's outputs when time is limited:
-a training step (forward and backward of the student) costs about three teacher forwards."""
+TRAIN_COST = 3.0
+"""A distillation step (forward and backward of the student) costs about this many teacher
+forwards of the same tokens (SmolLM2: 4.7 s against 1.5 s for 512 tokens)."""
+
+TEACHER_SHARE = 1.0 / (1.0 + TRAIN_COST)
+"""Share of the distillation time spent recording more teacher outputs when time is limited (a
+recorded batch is then trained on once)."""
+
+
+def split_rows(inputs: "Inputs", target, rows: Optional[int]) -> list:
+    """``(inputs, target)`` cut along the batch dimension into pieces of ``rows`` rows, when every
+    tensor input and the target share that leading dimension (else, or for ``rows=None``, whole)."""
+    from .distill import Target
+
+    tensors = [a for a in inputs.args if isinstance(a, torch.Tensor)]
+    tensors += [v for v in inputs.kwargs.values() if isinstance(v, torch.Tensor)]
+    parts = (target.values, target.index, target.dense)
+    if rows is None or not tensors or tensors[0].dim() == 0:
+        return [(inputs, target)]
+    n = tensors[0].shape[0]
+    if n <= rows or any(t.dim() == 0 or t.shape[0] != n for t in tensors + [p for p in parts if p is not None]):
+        return [(inputs, target)]
+
+    def cut(v, s):
+        return v[s : s + rows].clone() if isinstance(v, torch.Tensor) else v
+
+    return [(Inputs(tuple(cut(a, s) for a in inputs.args), {k: cut(v, s) for k, v in inputs.kwargs.items()}),
+             Target(*(cut(p, s) if p is not None else None for p in parts)))
+            for s in range(0, n, rows)]
+
+
+def batch_key(inputs: "Inputs") -> tuple:
+    """A content key of one batch (shapes and bytes of its tensors), to skip a distillation
+    batch whose teacher output the calibration pass already recorded."""
+    def key(v):
+        if isinstance(v, torch.Tensor):
+            return ("t", tuple(v.shape), str(v.dtype), hash(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+        return ("v", repr(v))
+    return (tuple(key(a) for a in inputs.args), tuple((k, key(v)) for k, v in sorted(inputs.kwargs.items())))
 
 
 @contextmanager
@@ -462,7 +517,11 @@ BUDGET_MODES = ("uniform", "relative", "absolute", "inverse")
 BUDGET_GRID = tuple(round(0.05 * i, 2) for i in range(2, 21))
 
 
-def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID, max_tokens: int = 1024):
+CURVE_TOKENS = 1024
+"""Tokens (evenly spaced) a layer's error curve is measured on."""
+
+
+def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID, max_tokens: int = CURVE_TOKENS):
     """Relative squared output error of an XMoE layer (current router, rescaled, no refit) at
     each activation ratio of ``grid``: ``(achieved ratios, errors)``, ascending in ratio.
 
@@ -472,10 +531,7 @@ def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID
     ``max_tokens`` evenly spaced tokens; the router weight is left unchanged."""
     cfg = layer.config
     E, S = cfg.num_experts, cfg.num_shared
-    if x2d.shape[0] > max_tokens:
-        idx = torch.linspace(0, x2d.shape[0] - 1, max_tokens).long()
-        x2d, target = x2d[idx], target[idx]
-    x2d, target = x2d.float(), target.float()
+    x2d, target = spaced(x2d, max_tokens).float(), spaced(target, max_tokens).float()
     with torch.no_grad():
         h = expert_hidden(layer, x2d)
         base_y = torch.zeros_like(target)
@@ -638,7 +694,12 @@ def calibrate(
     """Fit every converted MoE layer of ``model`` to its dense FFN, layer by layer.
 
     ``batches``: inputs as the model takes them (a tensor, a tuple of positional arguments, or
-    a dict of keyword arguments), e.g. ``moefx.data.token_batches(tokenizer)``.
+    a dict of keyword arguments), e.g. ``moefx.data.token_batches(tokenizer)``. More tokens fit
+    better routers: each router is a least-squares fit of ``E`` outputs on ``d`` features, and
+    on SmolLM2 (256 + 64 experts) 16k tokens cut its held-out error by 6-12% against 4k; at 50%
+    activation, 32k tokens gave 1.44-1.48x dense perplexity where 4k gave 1.66x, within the same 10
+    minutes (bench/results-quality.md). The routers fit on every token; the experts' refit and
+    the report use at most :data:`FIT_TOKENS` of them, evenly spaced.
     ``target_ratio``: wanted mean activation ratio of XMoE layers (fraction of expert groups a
     token computes, shared included); None keeps the router's scale; a dict {layer name: ratio}
     sets each layer's own ratio. ``fit_router`` (default:
@@ -662,10 +723,13 @@ def calibrate(
     tensor), one batch of ``distill_batches`` (default: ``batches``) per step, stopping early
     after ``distill_seconds`` of distillation or when the whole call has run ``budget_seconds``
     (the layer-wise fit always completes; only distillation is cut short). Distinct text helps more than repeats: give it more batches than
-    steps, small ones (e.g. 2 x 256 tokens). The teacher's outputs for ``distill_batches`` are
+    steps, small ones (e.g. 2 x 256 tokens). The calibration ``batches`` are distillation examples
+    too: the dense pass that records the layers' inputs records their teacher outputs for free
+    (cut into the distillation batches' size, :func:`split_rows`). The teacher's outputs for ``distill_batches`` are
     recorded after the layer-wise fit, in dense mode with the pre-calibration weights swapped
-    back in, and only as many batches as the remaining time can train on (a quarter of it goes
-    to recording). ``distill_schedule``: ``"constant"`` (default) or ``"cosine"`` (warm-up, then
+    back in, skipping any batch equal to a calibration batch (:func:`batch_key`), and only as
+    many as the remaining time can train on beyond the calibration examples (a quarter of that
+    time goes to recording). ``distill_schedule``: ``"constant"`` (default) or ``"cosine"`` (warm-up, then
     decay to a tenth by the end: :func:`moefx.convert.distill.lr_factor`).
     Finer experts route better: SmolLM2 with 256 + 64 experts of 5 neurons reached 1.24x at
     75% against 1.35x for 64 + 16 in the same session (bench/results-quality.md). On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
@@ -681,7 +745,7 @@ def calibrate(
     kept out of ``budget_seconds``' distillation share. Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     """
-    from .distill import distill, record_teachers, teacher_target
+    from .distill import _tokens, distill, record_teachers, teacher_target
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -708,13 +772,19 @@ def calibrate(
     if distill_steps < 0:
         raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
     batches = list(batches)
+    rows = None  # calibration batches become distillation examples of the distillation batches' size
+    if distill_batches is not None:
+        distill_batches = list(distill_batches)
+        first = Inputs.of(distill_batches[0]) if distill_batches else Inputs()
+        lead = [a for a in list(first.args) + list(first.kwargs.values()) if isinstance(a, torch.Tensor)]
+        rows = lead[0].shape[0] if lead and lead[0].dim() else None
     try:
         t_dense = time.perf_counter()
         with torch.no_grad(), dense_mode(layers):
             for inputs in tqdm(batches, desc="recording dense activations", disable=not progress):
                 out = run_batch(model, inputs)
-                if distill_steps and distill_batches is None:
-                    examples.append((Inputs.of(inputs), teacher_target(out, distill_topk)))
+                if distill_steps:  # the dense model's outputs of these tokens are distillation targets too
+                    examples += split_rows(Inputs.of(inputs), teacher_target(out, distill_topk), rows)
                 del out
             for h in hooks:
                 h.remove()
@@ -742,21 +812,22 @@ def calibrate(
                 x = store.take(name)
                 if x.shape[0] == 0:
                     raise ValueError(f"no calibration tokens reached layer '{name}'")
+                xc = spaced(x, CURVE_TOKENS)  # the curve's tokens: the dense output of these only
                 with torch.no_grad():
-                    target = torch.cat([dense_forward(layer, x[s : s + 4096]).float() for s in range(0, x.shape[0], 4096)])
+                    target = dense_forward(layer, xc).float()
                 use_fitted = fit_router if fit_router is not None else layer.config.router == "fitted"
                 if use_fitted:
                     with torch.no_grad():
                         norms = torch.cat([expert_output_norms(layer, x[s : s + 4096]) for s in range(0, x.shape[0], 4096)])
                     _fit(layer, x, norms, router_steps)
                     prefitted.add(name)
-                rs, errs = error_curve(layer, x, target)
+                rs, errs = error_curve(layer, xc, target)
                 if budgets == "absolute":
                     energy = float(target.pow(2).sum(-1).mean())
                     errs = [e * energy for e in errs]
                 curves[name] = (rs, errs)
                 store.put(name, x)
-                del x, target
+                del x, xc, target
             if budgets == "inverse":
                 spread = 0.1 if budget_spread is None else budget_spread
                 alloc = allocate_budgets(curves, target_ratio, spread)
@@ -769,18 +840,21 @@ def calibrate(
             x = store.take(name)
             if x.shape[0] == 0:
                 raise ValueError(f"no calibration tokens reached layer '{name}'")
+            xf = spaced(x, FIT_TOKENS)  # the experts' fit and the report use at most FIT_TOKENS
             with torch.no_grad():
-                target = torch.cat([dense_forward(layer, x[s : s + 4096]).float() for s in range(0, x.shape[0], 4096)])
+                target = torch.cat([dense_forward(layer, xf[s : s + 4096]).float() for s in range(0, xf.shape[0], 4096)])
             rep = calibrate_layer(
-                layer, x, target, target_ratio=ratios[name],
+                layer, xf, target, target_ratio=ratios[name],
                 fit_router=False if name in prefitted else fit_router, fit_experts=fit_experts,
                 router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, batch=batch, name=name,
+                router_x=x if xf is not x else None,
             )
+            rep.tokens = x.shape[0]
             report.layers.append(rep)
             report.tokens = rep.tokens
             if not deferred:
                 drop_teacher(layer, fit_experts)
-            del x, target
+            del x, xf, target
         store.close()
         if distill_steps:
             seconds = distill_seconds
@@ -791,10 +865,19 @@ def calibrate(
                 seconds = left if seconds is None else min(seconds, left)
             if deferred:
                 t_rec = time.perf_counter()
-                limit = None if seconds is None else TEACHER_SHARE * seconds
-                with swapped_weights(layers, originals), torch.no_grad(), dense_mode(layers):
-                    examples = record_teachers(model, distill_batches, distill_topk, progress=progress,
-                                               max_batches=distill_steps + 2, seconds=limit)
+                limit = None
+                if seconds is not None:
+                    # training the calibration examples takes ~TRAIN_COST forwards of their tokens;
+                    # of the time beyond that, TEACHER_SHARE records more examples to train on
+                    own = TRAIN_COST * t_dense * sum(_tokens(t) for _, t in examples) / max(1, report.tokens)
+                    limit = TEACHER_SHARE * max(0.0, seconds - own)
+                known = {batch_key(i) for i, _ in examples}
+                fresh = [b for b in distill_batches if batch_key(Inputs.of(b)) not in known]
+                more = max(0, distill_steps + 2 - len(examples))
+                if more and (limit is None or limit > 0):
+                    with swapped_weights(layers, originals), torch.no_grad(), dense_mode(layers):
+                        examples += record_teachers(model, fresh, distill_topk, progress=progress,
+                                                    max_batches=more, seconds=limit)
                 del originals
                 for layer in layers.values():
                     drop_teacher(layer, fit_experts)

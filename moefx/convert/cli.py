@@ -46,7 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=XMOE_SPLITS, default="kmeans", help="XMoE neuron partition (default kmeans)")
     p.add_argument("--router", choices=XMOE_ROUTERS, default=None,
                    help="XMoE router: centroid (no data) or fitted (default: fitted when calibrating)")
-    p.add_argument("--calibrate-tokens", type=int, default=0, help="calibrate on this many tokens (0: no calibration)")
+    p.add_argument("--calibrate-tokens", type=int, default=0,
+                   help="calibrate on this many tokens (0: no calibration); routers fit better on more: "
+                        "SmolLM2 at 50%% went from 1.66x to 1.44-1.48x dense perplexity with 32768 instead of 4096")
     p.add_argument("--target-ratio", type=float, default=None,
                    help="XMoE: rescale routers so this fraction of expert groups is active (needs calibration)")
     p.add_argument("--steps", type=int, default=None, help="Adam steps per layer during calibration")

@@ -15,11 +15,11 @@ earlier layers' errors. It is short (tens of steps) and cheap per step:
   the unchosen ones masked): the same output as the layer's grouped op, at half the cost of
   differentiating per-expert GEMMs of ~20 neurons. Other XMoE layers train through their own
   forward (the ops' autograd).
-* Teacher targets are the dense model's outputs. For distillation batches of their own,
-  :func:`moefx.convert.calibrate.calibrate` records them after the layer-wise fit with the
-  converted layers' pre-calibration weights swapped back in, and only as many as the time
-  budget will train on (a teacher forward costs ~1/4 of a training step); when distillation
-  reuses the calibration batches, the dense recording pass records them. Logits are stored sparsely:
+* Teacher targets are the dense model's outputs. :func:`moefx.convert.calibrate.calibrate`
+  records those of the calibration batches in the dense pass that records the layers' inputs
+  (no extra forward); for distillation batches of their own, it records them after the
+  layer-wise fit with the converted layers' pre-calibration weights swapped back in, and only
+  as many as the time budget will train on (a teacher forward costs ~1/3 of a training step). Logits are stored sparsely:
   the teacher's top-``topk`` log-probabilities per token plus the rest as one bucket, so 50k
   tokens of a 49k-word vocabulary cost ~20 MB instead of ~5 GB. The loss is the KL divergence
   of the student from the teacher over that partition (exact when the top-k hold all the mass).

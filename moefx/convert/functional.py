@@ -120,3 +120,15 @@ def routed_share(ratio: float, num_experts: int, num_shared: int) -> float:
     """The share of the routed experts a token must keep for the layer's activation ratio
     (shared groups included, as :func:`activation_ratio` counts) to be ``ratio``."""
     return (ratio * (num_experts + num_shared) - num_shared) / num_experts
+
+
+SCALE_TOKENS = 8192
+"""Tokens (evenly spaced) that a router's scale is set on, and that the layer report measures."""
+
+
+def spaced(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` evenly spaced rows of ``t`` (all of them when it has ``n`` or fewer): the same rows
+    for tensors of the same length, so an input and its target stay paired."""
+    if t.shape[0] <= n:
+        return t
+    return t[torch.linspace(0, t.shape[0] - 1, n).long()]

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .functional import kept_prefix
+from .functional import SCALE_TOKENS, kept_prefix, spaced
 
 
 def fit_router(
@@ -80,9 +80,7 @@ def calibrate_scale(
     cfg = layer.config
     if cfg.top_k is not None or cfg.threshold in (0, 0.0, 1, 1.0):
         return 1.0
-    x = x2d.float()
-    if x.shape[0] > 8192:
-        x = x[torch.linspace(0, x.shape[0] - 1, 8192).long()]
+    x = spaced(x2d, SCALE_TOKENS).float()
     scale = scale_for(F.linear(x, layer.router.weight.float()), cfg, target_routed, iters)
     with torch.no_grad():
         layer.router.weight.mul_(scale)
