@@ -155,6 +155,15 @@ class Inputs:
         self.args = tuple(self.args)
         self.kwargs = dict(self.kwargs or {})
 
+    def tensors(self) -> List[torch.Tensor]:
+        """The tensor inputs, positional first."""
+        return [v for v in list(self.args) + list(self.kwargs.values()) if isinstance(v, torch.Tensor)]
+
+    def rows(self) -> Optional[int]:
+        """The batch size: the leading dimension of the first tensor input (None without one)."""
+        t = self.tensors()
+        return t[0].shape[0] if t and t[0].dim() else None
+
     @classmethod
     def of(cls, batch) -> "Inputs":
         """A tensor is the first positional input, a tuple the positional inputs, a dict the
@@ -243,12 +252,22 @@ def _errors(y: torch.Tensor, target: torch.Tensor):
     return rel, cos
 
 
+CHUNK = 4096
+"""Tokens per chunk when a per-token computation runs over a layer's calibration tokens."""
+
+
+def chunked(fn, layer, x2d: torch.Tensor) -> torch.Tensor:
+    """``fn(layer, rows)`` over ``x2d`` in chunks of :data:`CHUNK` rows, concatenated (bounds the
+    memory of the [tokens, d_ff]-sized intermediates)."""
+    return torch.cat([fn(layer, x2d[s : s + CHUNK]) for s in range(0, x2d.shape[0], CHUNK)])
+
+
 def layer_output(layer, x2d: torch.Tensor):
     """The layer's output (inference semantics, computed by the plain-PyTorch functional forms
     that tests check against the layer's own forward) and its activation ratio on ``x2d``."""
     outs, ratios = [], []
-    for s in range(0, x2d.shape[0], 4096):
-        xb = x2d[s : s + 4096]
+    for s in range(0, x2d.shape[0], CHUNK):
+        xb = x2d[s : s + CHUNK]
         if is_xmoe(layer):
             mask = layer_mask(layer, xb)
             if layer.combine == "unit" and layer.config.capacity_factor is None:
@@ -277,17 +296,17 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     has_bias = getattr(layer, "bias", None) is not None
     gram, rhs = None, None
     with torch.no_grad():
-        for s in range(0, x2d.shape[0], 4096):
-            xb = x2d[s : s + 4096].float()
-            feats = [(expert_hidden(layer, xb) * mask[s : s + 4096].float().unsqueeze(-1)).reshape(xb.shape[0], E * h)]
+        for s in range(0, x2d.shape[0], CHUNK):
+            xb = x2d[s : s + CHUNK].float()
+            feats = [(expert_hidden(layer, xb) * mask[s : s + CHUNK].float().unsqueeze(-1)).reshape(xb.shape[0], E * h)]
             if has_shared:
                 feats.insert(0, shared_hidden(layer, xb))
             if has_bias:
                 feats.append(torch.ones(xb.shape[0], 1))
-            # float32 products per 4096-token chunk (half the time of float64 ones), summed in float64
+            # float32 products per CHUNK-token chunk (half the time of float64 ones), summed in float64
             fb = torch.cat(feats, 1)
             g = (fb.t() @ fb).double()
-            r = (fb.t() @ target[s : s + 4096].float()).double()
+            r = (fb.t() @ target[s : s + CHUNK].float()).double()
             gram = g if gram is None else gram + g
             rhs = r if rhs is None else rhs + r
         prior = []
@@ -415,7 +434,8 @@ def calibrate_layer(
     xs, ts = spaced(x2d, REPORT_TOKENS), spaced(target, REPORT_TOKENS)
     with torch.no_grad():
         y0, r0 = layer_output(layer, xs)
-    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", x2d.shape[0], *_errors(y0, ts), r0)
+    tokens = x2d.shape[0] if router_x is None else router_x.shape[0]
+    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", tokens, *_errors(y0, ts), r0)
     if is_xmoe(layer):
         cfg = layer.config
         if fit_router is None:
@@ -423,14 +443,14 @@ def calibrate_layer(
         if fit_router:
             xr = x2d if router_x is None else router_x.float()
             with torch.no_grad():
-                norms = torch.cat([expert_output_norms(layer, xr[s : s + 4096]) for s in range(0, xr.shape[0], 4096)])
+                norms = chunked(expert_output_norms, layer, xr)
             _fit(layer, xr, norms, router_steps)
             del xr
         if target_ratio is not None:
             calibrate_scale(layer, x2d, routed_share(target_ratio, cfg.num_experts, cfg.num_shared))
         if fit_experts:
             with torch.no_grad():
-                mask = torch.cat([layer_mask(layer, x2d[s : s + 4096]) for s in range(0, x2d.shape[0], 4096)])
+                mask = chunked(layer_mask, layer, x2d)
             refit_down(layer, x2d, target, mask, ridge=ridge)
             finetune(layer, x2d, target, steps, lr or 1e-4, batch=batch)
     elif fit_experts:
@@ -457,13 +477,11 @@ def split_rows(inputs: "Inputs", target, rows: Optional[int]) -> list:
     tensor input and the target share that leading dimension (else, or for ``rows=None``, whole)."""
     from .distill import Target
 
-    tensors = [a for a in inputs.args if isinstance(a, torch.Tensor)]
-    tensors += [v for v in inputs.kwargs.values() if isinstance(v, torch.Tensor)]
     parts = (target.values, target.index, target.dense)
-    if rows is None or not tensors or tensors[0].dim() == 0:
+    n = inputs.rows()
+    if rows is None or n is None or n <= rows:
         return [(inputs, target)]
-    n = tensors[0].shape[0]
-    if n <= rows or any(t.dim() == 0 or t.shape[0] != n for t in tensors + [p for p in parts if p is not None]):
+    if any(t.dim() == 0 or t.shape[0] != n for t in inputs.tensors() + [p for p in parts if p is not None]):
         return [(inputs, target)]
 
     def cut(v, s):
@@ -745,7 +763,7 @@ def calibrate(
     kept out of ``budget_seconds``' distillation share. Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     """
-    from .distill import _tokens, distill, record_teachers, teacher_target
+    from .distill import distill, record_teachers, teacher_target
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -775,9 +793,7 @@ def calibrate(
     rows = None  # calibration batches become distillation examples of the distillation batches' size
     if distill_batches is not None:
         distill_batches = list(distill_batches)
-        first = Inputs.of(distill_batches[0]) if distill_batches else Inputs()
-        lead = [a for a in list(first.args) + list(first.kwargs.values()) if isinstance(a, torch.Tensor)]
-        rows = lead[0].shape[0] if lead and lead[0].dim() else None
+        rows = Inputs.of(distill_batches[0]).rows() if distill_batches else None
     try:
         t_dense = time.perf_counter()
         with torch.no_grad(), dense_mode(layers):
@@ -818,7 +834,7 @@ def calibrate(
                 use_fitted = fit_router if fit_router is not None else layer.config.router == "fitted"
                 if use_fitted:
                     with torch.no_grad():
-                        norms = torch.cat([expert_output_norms(layer, x[s : s + 4096]) for s in range(0, x.shape[0], 4096)])
+                        norms = chunked(expert_output_norms, layer, x)
                     _fit(layer, x, norms, router_steps)
                     prefitted.add(name)
                 rs, errs = error_curve(layer, xc, target)
@@ -842,14 +858,13 @@ def calibrate(
                 raise ValueError(f"no calibration tokens reached layer '{name}'")
             xf = spaced(x, FIT_TOKENS)  # the experts' fit and the report use at most FIT_TOKENS
             with torch.no_grad():
-                target = torch.cat([dense_forward(layer, xf[s : s + 4096]).float() for s in range(0, xf.shape[0], 4096)])
+                target = chunked(dense_forward, layer, xf).float()
             rep = calibrate_layer(
                 layer, xf, target, target_ratio=ratios[name],
                 fit_router=False if name in prefitted else fit_router, fit_experts=fit_experts,
                 router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, batch=batch, name=name,
                 router_x=x if xf is not x else None,
             )
-            rep.tokens = x.shape[0]
             report.layers.append(rep)
             report.tokens = rep.tokens
             if not deferred:
@@ -869,12 +884,12 @@ def calibrate(
                 if seconds is not None:
                     # training the calibration examples takes ~TRAIN_COST forwards of their tokens;
                     # of the time beyond that, TEACHER_SHARE records more examples to train on
-                    own = TRAIN_COST * t_dense * sum(_tokens(t) for _, t in examples) / max(1, report.tokens)
+                    own = TRAIN_COST * t_dense * sum(t.tokens for _, t in examples) / max(1, report.tokens)
                     limit = TEACHER_SHARE * max(0.0, seconds - own)
-                known = {batch_key(i) for i, _ in examples}
-                fresh = [b for b in distill_batches if batch_key(Inputs.of(b)) not in known]
                 more = max(0, distill_steps + 2 - len(examples))
                 if more and (limit is None or limit > 0):
+                    known = {batch_key(i) for i, _ in examples}
+                    fresh = [b for b in distill_batches if batch_key(Inputs.of(b)) not in known]
                     with swapped_weights(layers, originals), torch.no_grad(), dense_mode(layers):
                         examples += record_teachers(model, fresh, distill_topk, progress=progress,
                                                     max_batches=more, seconds=limit)

@@ -56,6 +56,12 @@ class Target:
     index: Optional[torch.Tensor] = None
     dense: Optional[torch.Tensor] = None
 
+    @property
+    def tokens(self) -> int:
+        """How many tokens (positions) the target covers."""
+        t = self.values if self.values is not None else self.dense
+        return int(math.prod(t.shape[:-1]))
+
 
 @dataclass
 class DistillReport:
@@ -239,7 +245,7 @@ def distill(
                 opt.step()
                 report.losses.append(float(loss.detach()))
                 report.steps += 1
-                report.tokens += _tokens(target)
+                report.tokens += target.tokens
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(report.losses[-_WINDOW:]) / len(report.losses[-_WINDOW:]):.4f}")
         if held:
@@ -278,11 +284,6 @@ def lr_factor(step: int, steps: int, elapsed: float, seconds: Optional[float]) -
     progress = min(1.0, progress)
     warm = min(1.0, (step + 1) / WARMUP_STEPS)
     return warm * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _tokens(target: Target) -> int:
-    t = target.values if target.values is not None else target.dense
-    return int(math.prod(t.shape[:-1]))
 
 
 def record_teachers(model: nn.Module, batches: Iterable, topk: int, progress: bool = True,
