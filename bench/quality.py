@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-seconds", type=float, default=590,
                     help="whole-calibration wall-clock budget (issue: at most 10 minutes); distillation stops "
                          "early to stay inside it")
+    ap.add_argument("--router-target", default="fisher", choices=["fisher", "norm"],
+                    help="what fitted routers rank experts by (calibrate(router_target=...))")
+    ap.add_argument("--fisher-tokens", type=int, default=None,
+                    help="tokens of the Fisher pass (moefx.convert.calibrate.FISHER_TOKENS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -60,6 +64,11 @@ def main(argv=None) -> int:
 
     import moefx
     from moefx import data
+
+    if args.fisher_tokens:
+        import importlib
+
+        importlib.import_module("moefx.convert.calibrate").FISHER_TOKENS = args.fisher_tokens
     from moefx.models import load_model, smollm2_path
     from transformers import AutoTokenizer
 
@@ -83,7 +92,7 @@ def main(argv=None) -> int:
         if kind == "xmoe":
             cfg = moefx.XMoEConfig(num_experts=args.experts, num_shared=args.shared, threshold=0.9,
                                    split=args.split, router="fitted")
-            label = (f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router, t=0.9 rescaled, "
+            label = (f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router ({args.router_target}), t=0.9 rescaled, "
                      f"{args.budgets} budgets" + (f" +-{args.budget_spread}" if args.budget_spread else ""))
         else:
             cfg = moefx.SliceMoEConfig(num_slices=8, num_experts=16, top_k=2)
@@ -100,7 +109,8 @@ def main(argv=None) -> int:
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
                               distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr, distill_train=args.distill_train,
                               distill_schedule=args.distill_schedule,
-                              distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds)
+                              distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds,
+                              router_target=args.router_target)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
             print("per-layer budgets: " + " ".join(f"{v:.2f}" for v in rep.budgets.values()), flush=True)

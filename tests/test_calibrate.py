@@ -69,6 +69,12 @@ def test_expert_output_norms_equal_each_experts_output_norm():
         got = expert_output_norms(layer, x)
     assert got.shape == (37, 6)
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+    a = torch.randn(16, 16, dtype=torch.float64)
+    metric = a @ a.t()  # norms in a metric: sqrt(y^T M y) of each expert's output y
+    with torch.no_grad():
+        ys = torch.stack([h[:, e] @ layer.w2[e].double().t() for e in range(h.shape[1])], 1)
+        got = expert_output_norms(layer, x, metric.float())
+    torch.testing.assert_close(got.double(), torch.einsum("ted,df,tef->te", ys, metric, ys).sqrt(), rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_experts", [None, 3])
@@ -132,6 +138,89 @@ def test_sensitivity_budgets_hit_the_mean_target_not_each_layer(mode):
         assert abs(r.ratio_after - rep.budgets[r.name]) < 0.1
     with pytest.raises(ValueError, match="budgets="):
         moefx.calibrate(model, batches(1), target_ratio=0.6, budgets="even", verbose=False, progress=False)
+
+
+class _Head(torch.nn.Module):
+    """x -> layer(x) -> W: the Fisher at the layer's output has a closed form."""
+
+    def __init__(self, d=6, out=5, logits=True):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.ffn = torch.nn.Linear(d, d)
+        self.ffn.weight.data = torch.randn(d, d, generator=g) / d ** 0.5
+        self.w = torch.randn(out, d, generator=g)
+        self.logits = logits
+
+    def forward(self, x):
+        z = self.ffn(x) @ self.w.t()
+        if self.logits:
+            from types import SimpleNamespace
+            return SimpleNamespace(logits=z)
+        return z
+
+
+@pytest.mark.parametrize("logits", [True, False])
+def test_output_fisher_matches_the_closed_form(logits):
+    """z = W y: with logits, the Fisher at y is W^T (diag(p) - p p^T) W averaged over tokens
+    (labels sampled from the model); for a plain output it is W^T W."""
+    from moefx.convert.calibrate import output_fisher
+
+    model = _Head(logits=logits)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(4, 2048, 6, generator=g) for _ in range(2)]
+    G = output_fisher(model, {"ffn": model.ffn}, xs, max_tokens=16384)["ffn"]
+    W = model.w
+    if logits:
+        with torch.no_grad():
+            p = torch.softmax(model.ffn(torch.cat(xs).reshape(-1, 6)) @ W.t(), -1)
+        F_out = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        want = W.t() @ F_out.mean(0) @ W
+    else:
+        want = W.t() @ W
+    assert torch.allclose(G, want, rtol=0, atol=0.06 * float(want.abs().max()))
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # flags restored, no grads left
+
+
+def test_a_router_fit_in_a_metric_learns_the_norms_in_that_metric():
+    """With a metric that only counts some output directions, the fitted router's logits follow
+    the experts' (log) output norms *in that metric* on held-out tokens, closer than a router fit
+    on plain output norms does."""
+    from moefx.convert.calibrate import calibrate_layer
+    from moefx.convert.functional import expert_output_norms
+
+    model, _ = converted(XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted"))
+    layer = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(3)
+    mu = 2 * torch.randn(16, generator=g)  # off-centre inputs: norms of a GLU of centred ones are even in x
+    x, held = torch.randn(4096, 16, generator=g) + mu, torch.randn(2048, 16, generator=g) + mu
+    metric = torch.diag(torch.tensor([1.0] * 4 + [1e-3] * 12))
+    centred = lambda t: t - t.mean(-1, keepdim=True)
+    with torch.no_grad():
+        want = centred(torch.log(expert_output_norms(layer, held, metric) + 1e-6))
+    err = {}
+    for name, m in (("metric", metric), ("plain", None)):
+        fitted = copy.deepcopy(layer)
+        with torch.no_grad():
+            target = masked_forward(fitted, x)
+        calibrate_layer(fitted, x, target, fit_experts=False, metric=m)
+        with torch.no_grad():
+            err[name] = float((centred(fitted.router(held)) - want).pow(2).mean())
+    assert err["metric"] < 0.8 * err["plain"], err
+
+
+def test_router_target_fisher_and_norm_both_calibrate():
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    other = copy.deepcopy(model)
+    rep = moefx.calibrate(model, batches(), target_ratio=0.6, verbose=False, progress=False)  # fisher: the default
+    ref = moefx.calibrate(other, batches(), target_ratio=0.6, verbose=False, progress=False, router_target="norm")
+    for a, b in zip(rep.layers, ref.layers):
+        assert abs(a.ratio_after - 0.6) < 0.1 and abs(b.ratio_after - 0.6) < 0.1
+    w = [l.router.weight for l in moe_layers(model).values()]
+    w_ref = [l.router.weight for l in moe_layers(other).values()]
+    assert not all(torch.allclose(a, b) for a, b in zip(w, w_ref))
+    with pytest.raises(ValueError, match="router_target="):
+        moefx.calibrate(model, batches(1), target_ratio=0.6, router_target="oracle", verbose=False, progress=False)
 
 
 def test_explicit_per_layer_ratios_are_each_hit():

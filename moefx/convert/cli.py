@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=XMOE_SPLITS, default="kmeans", help="XMoE neuron partition (default kmeans)")
     p.add_argument("--router", choices=XMOE_ROUTERS, default=None,
                    help="XMoE router: centroid (no data) or fitted (default: fitted when calibrating)")
+    p.add_argument("--router-target", choices=("fisher", "norm"), default="fisher",
+                   help="what a fitted XMoE router learns to rank experts by: each expert's output measured by "
+                        "what it changes in the model's prediction (fisher, default: one extra forward and backward "
+                        "pass on 2048 tokens) or its plain norm")
     p.add_argument("--calibrate-tokens", type=int, default=0,
                    help="calibrate on this many tokens (0: no calibration); routers fit better on more: "
                         "SmolLM2 at 50%% went from 1.66x to 1.44-1.48x dense perplexity with 32768 instead of 4096")
@@ -218,7 +222,9 @@ def run(args) -> int:
         return 1
     print(f"converted {len(model.moefx_recipe['layers'])} FFN blocks to {args.to}", flush=True)
     if batches:
-        kw = {} if args.steps is None else {"steps": args.steps}
+        kw = {"router_target": args.router_target}
+        if args.steps is not None:
+            kw["steps"] = args.steps
         if args.distill_steps:
             kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_train=args.distill_train,
                       distill_schedule=args.distill_schedule,

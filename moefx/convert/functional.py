@@ -99,13 +99,17 @@ def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None
     return y
 
 
-def expert_output_norms(layer, x2d: torch.Tensor) -> torch.Tensor:
-    """``||E_e(x)||`` for every token and routed expert: ``[T, E]`` (what an oracle ranks by)."""
+def expert_output_norms(layer, x2d: torch.Tensor, metric: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``||E_e(x)||`` for every token and routed expert: ``[T, E]`` (what an oracle ranks by).
+    With ``metric`` (``[d, d]``, positive semi-definite), the norm is ``sqrt(y^T metric y)``."""
     h = expert_hidden(layer, x2d)
     # ||W2_e h_e||^2 = h_e^T (W2_e^T W2_e) h_e: one [h, h] Gram matrix per expert instead of
     # materialising every expert's [T, d] output (E small GEMMs; slow for many small experts).
     w2 = layer.w2.to(h.dtype)
-    gram = torch.einsum("edh,edk->ehk", w2, w2)
+    if metric is not None:
+        gram = torch.einsum("edh,df,efk->ehk", w2, metric.to(h.dtype), w2)
+    else:
+        gram = torch.einsum("edh,edk->ehk", w2, w2)
     sq = (torch.einsum("teh,ehk->tek", h, gram) * h).sum(-1)
     return sq.clamp_min(0).sqrt()
 

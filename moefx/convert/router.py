@@ -4,7 +4,9 @@
 
 ``router="fitted"`` learns, from calibration inputs, which experts matter for a token. The
 target is each expert's share of the output norm, ``q_e = ||E_e(x)|| / sum_f ||E_f(x)||``: the
-oracle that the ANCHORS.md measurements rank by. The router (the layer's own
+oracle that the ANCHORS.md measurements rank by; calibration measures the norm, by default, in
+the Fisher metric of the model's output (``calibrate.output_fisher``: what an expert's output
+changes in the model's prediction, not its raw size). The router (the layer's own
 ``Linear(d, E, bias=False)``, so the layer contract is unchanged) is trained by cross-entropy
 between ``softmax(logits)`` and ``q``, whose optimum puts logits at ``log q + c``: softmax mass
 then concentrates on the experts with the largest outputs, which is what the threshold rule
