@@ -602,6 +602,8 @@ def output_fisher(model: nn.Module, layers: Dict[str, nn.Module], batches: List,
     ``E[g g^T] = J^T J``: the squared error at the output. One forward and backward of the
     model on the first ``max_tokens`` tokens of ``batches``, in the mode the model is in (use
     inside :func:`dense_mode` for the dense model's); no weight gradient is computed or left."""
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     sums = {n: None for n in layers}
     counts = {n: 0 for n in layers}
@@ -622,15 +624,13 @@ def output_fisher(model: nn.Module, layers: Dict[str, nn.Module], batches: List,
         return hook
 
     flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:  # gradients at the layers' outputs only: no weight gradients computed or left
-        p.requires_grad_(False)
-    from tqdm.auto import tqdm
-
     hooks = [layer.register_forward_hook(capture(n)) for n, layer in layers.items()]
     seen = 0
     bar = tqdm(total=max_tokens, desc="measuring what layer outputs change in the prediction", unit="tok",
                disable=not progress)
     try:
+        for p in flags:  # gradients at the layers' outputs only: no weight gradient computed or left
+            p.requires_grad_(False)
         with torch.enable_grad():
             for b in batches:
                 if seen >= max_tokens:
