@@ -181,6 +181,18 @@ def test_output_fisher_matches_the_closed_form(logits):
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # flags restored, no grads left
 
 
+def test_fisher_pass_cuts_large_batches_to_its_token_limit():
+    from moefx.convert.calibrate import _pieces
+
+    ids = torch.arange(8 * 256).reshape(8, 256)
+    pieces = _pieces({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 1024)
+    assert [p.kwargs["input_ids"].shape for p in pieces] == [(4, 256), (4, 256)]
+    assert torch.equal(torch.cat([p.kwargs["input_ids"] for p in pieces]), ids)
+    floats = _pieces(torch.randn(8, 16, 6), 32)  # a float input's last dimension is its width
+    assert [p.args[0].shape for p in floats] == [(2, 16, 6)] * 4
+    assert len(_pieces(ids, 4096)) == 1
+
+
 def test_a_router_fit_in_a_metric_learns_the_norms_in_that_metric():
     """With a metric that only counts some output directions, the fitted router's logits follow
     the experts' (log) output norms *in that metric* on held-out tokens, closer than a router fit

@@ -632,7 +632,7 @@ def output_fisher(model: nn.Module, layers: Dict[str, nn.Module], batches: List,
         for p in flags:  # gradients at the layers' outputs only: no weight gradient computed or left
             p.requires_grad_(False)
         with torch.enable_grad():
-            for b in batches:
+            for b in (piece for batch in batches for piece in _pieces(batch, max_tokens)):
                 if seen >= max_tokens:
                     break
                 t, is_logits = output_tensor(run_batch(model, b))
@@ -657,6 +657,21 @@ def output_fisher(model: nn.Module, layers: Dict[str, nn.Module], batches: List,
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return {n: (s / counts[n]).float() for n, s in sums.items() if s is not None}
+
+
+def _pieces(batch, max_tokens: int) -> List["Inputs"]:
+    """``batch`` cut along its batch dimension into pieces of at most ``max_tokens`` tokens (a
+    backward pass holds every layer's activations: a user's large batch must not run whole)."""
+    from .distill import Target
+
+    inputs = Inputs.of(batch)
+    t = inputs.tensors()
+    rows = inputs.rows()
+    if not t or not rows:
+        return [inputs]
+    shape = t[0].shape[1:-1] if t[0].is_floating_point() else t[0].shape[1:]
+    per_row = max(1, int(math.prod(shape)))
+    return [i for i, _ in split_rows(inputs, Target(), max(1, max_tokens // per_row))]
 
 
 def allocate_budgets(curves: Dict[str, tuple], target: float, spread: Optional[float] = None) -> Dict[str, float]:
