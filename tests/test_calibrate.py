@@ -181,6 +181,26 @@ def test_output_fisher_matches_the_closed_form(logits):
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # flags restored, no grads left
 
 
+class _DictOutput(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return {"scores": self.model(ids).logits}
+
+
+def test_a_model_without_logits_or_tensor_output_falls_back_to_plain_norms():
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    wrapped, other = _DictOutput(model), _DictOutput(copy.deepcopy(model))
+    with pytest.warns(UserWarning, match="router_target='fisher'.*plain output norms"):
+        moefx.calibrate(wrapped, batches(), target_ratio=0.6, verbose=False, progress=False)
+    moefx.calibrate(other, batches(), target_ratio=0.6, verbose=False, progress=False, router_target="norm")
+    for a, b in zip(moe_layers(wrapped).values(), moe_layers(other).values()):
+        torch.testing.assert_close(a.router.weight, b.router.weight)
+
+
 def test_fisher_pass_cuts_large_batches_to_its_token_limit():
     from moefx.convert.calibrate import _pieces
 

@@ -9,9 +9,9 @@ input. Then, one layer at a time, with only that layer's activations loaded:
 XMoE (``combine="unit"``):
   1. router: ``fitted`` routers are trained to predict each expert's output-norm share
      (router.py), the norm taken by default in the Fisher metric of the model's prediction
-     (:func:`output_fisher`: one extra forward and backward pass); with ``target_ratio`` the router is rescaled so the configured threshold
-     keeps that fraction of the FFN's expert groups (shared groups count as always kept);
-     ``budgets=`` can instead spread the mean ratio unevenly over the layers by their
+     (:func:`output_fisher`: one extra forward and backward pass); with ``target_ratio`` the
+     router is rescaled so the configured threshold keeps that fraction of the FFN's expert
+     groups (shared groups count as always kept); ``budgets=`` can instead spread the mean ratio unevenly over the layers by their
      measured error-vs-ratio curves (see ``budgets`` in :func:`calibrate`; uniform is the default).
   2. experts: under the routing now fixed, the down projections of all groups (and the
      output bias) are refit in closed form by ridge regression onto the dense output, the
@@ -860,7 +860,8 @@ def calibrate(
     output (:func:`output_fisher`, one forward and backward pass over :data:`FISHER_TOKENS`
     calibration tokens), so an expert whose output the later layers ignore ranks low however
     large it is. ``"norm"``: the plain output norm. On SmolLM2 (256 + 64 experts, 75%, layer-wise
-    only) the Fisher target gave 1.22x dense perplexity against 1.25x (bench/results-quality.md).
+    only) the Fisher target gave 1.22-1.24x dense perplexity against 1.25x; with distillation
+    after it the two were alike within noise (bench/results-quality.md).
     A model whose output has neither logits nor a tensor falls back to ``"norm"`` with a warning.
     ``rescale`` (default on): at the end, one forward of the converted model on the first
     :data:`RESCALE_TOKENS` calibration tokens resets every threshold-routed XMoE layer's scale

@@ -16,6 +16,7 @@ import os
 import sys
 
 from ..config import XMOE_ROUTERS, XMOE_SPLITS
+from .calibrate import ROUTER_TARGETS
 
 EPILOG = """\
 Examples:
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=XMOE_SPLITS, default="kmeans", help="XMoE neuron partition (default kmeans)")
     p.add_argument("--router", choices=XMOE_ROUTERS, default=None,
                    help="XMoE router: centroid (no data) or fitted (default: fitted when calibrating)")
-    p.add_argument("--router-target", choices=("fisher", "norm"), default="fisher",
+    p.add_argument("--router-target", choices=ROUTER_TARGETS, default="fisher",
                    help="what a fitted XMoE router learns to rank experts by: each expert's output measured by "
                         "what it changes in the model's prediction (fisher, default: one extra forward and backward "
                         "pass on 2048 tokens) or its plain norm")
