@@ -950,8 +950,7 @@ def calibrate(
                 xc = spaced(x, CURVE_TOKENS)  # the curve's tokens: the dense output of these only
                 with torch.no_grad():
                     target = dense_forward(layer, xc).float()
-                use_fitted = fit_router if fit_router is not None else layer.config.router == "fitted"
-                if use_fitted:
+                if name in fitted:
                     with torch.no_grad():
                         norms = chunked(partial(expert_output_norms, metric=metrics.get(name)), layer, x)
                     _fit(layer, x, norms, router_steps)
