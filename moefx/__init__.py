@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # a submodule sets the package attribute to the module, so these two are bound eagerly, after
 # their modules are imported, and stay functions whatever is imported later.
 from .capture import CaptureError, capture  # noqa: E402
-from .convert import calibrate, convert  # noqa: E402
+from .convert import ConversionError, calibrate, convert  # noqa: E402
 
 _LAZY = {
     "find_ffns": ("moefx.passes.find_ffn", "find_ffns"),
@@ -30,6 +30,8 @@ _LAZY = {
     "load": ("moefx.convert.io", "load"),
     "optimize": ("moefx.passes.optimize", "optimize"),
     "export_onnx": ("moefx.export", "export_onnx"),
+    "ExportError": ("moefx.export", "ExportError"),
+    "VerificationError": ("moefx.export.verify", "VerificationError"),
     "aux_loss": ("moefx.metrics", "aux_loss"),
     "metrics": ("moefx.metrics", None),
     "layers": ("moefx.layers", None),
@@ -38,7 +40,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "CaptureError", "ConfigError", "SliceMoEConfig", "XMoEConfig", "__version__",
+    "CaptureError", "ConfigError", "ConversionError", "SliceMoEConfig", "XMoEConfig", "__version__",
     "calibrate", "capture", "convert", *_LAZY,
 ]
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "identity")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "relu2", "identity")
 XMOE_SPLITS = ("contiguous", "random", "kmeans", "coactivation")
 XMOE_ROUTERS = ("centroid", "fitted", "random")
 COMBINES = ("unit", "prob")

@@ -17,7 +17,7 @@ from moefx.passes.canonicalize import (
     canonicalize,
 )
 from moefx.passes.manager import PassError
-from moefx.patterns.activations import quick_gelu
+from moefx.patterns.activations import quick_gelu, relu_squared
 
 import zoo
 
@@ -188,3 +188,32 @@ def test_pass_manager_runs_in_order_logs_and_lints(capsys):
     assert "NormalizeTorchOps:" in err and "+1 call_function:aten.linear.default" in err
     with pytest.raises(PassError, match="_Breaks left an invalid graph"):
         PassManager([_Breaks()]).run(fx.symbolic_trace(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("spelling", ["pow", "square", "mul", "module"])
+def test_squared_relu_spellings_become_one_relu2_node(spelling):
+    """Nemotron's ReLUSquaredActivation, ``relu(x) ** 2``, ``torch.square(relu(x))`` and
+    ``r * r`` are all the one canonical ``relu2`` activation, and the graph computes the same."""
+    import transformers.activations as hf_acts
+
+    class Sq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = hf_acts.ReLUSquaredActivation()
+
+        def forward(self, x):
+            if spelling == "pow":
+                return F.relu(x) ** 2
+            if spelling == "square":
+                return torch.square(torch.relu(x))
+            if spelling == "mul":
+                r = x.relu()
+                return r * r
+            return self.act(x)
+
+    x = torch.randn(3, 7)
+    gm = capture(Sq(), (x,))
+    CanonicalizeActivations()(gm)
+    assert _targets(gm).count(relu_squared) == 1
+    assert aten.relu.default not in _targets(gm)
+    torch.testing.assert_close(gm(x), F.relu(x).square(), rtol=0, atol=0)

@@ -116,8 +116,9 @@ def _routing(T, E, never=None):
         (False, True, True, "relu", True),
         (True, True, True, "gelu_tanh", True),
         (False, False, True, "quick_gelu", False),
+        (False, True, False, "relu2", False),
     ],
-    ids=["gelu-bias", "swiglu", "relu-gate-input", "geglu-tanh-gate-input", "quick-gelu-outbias"],
+    ids=["gelu-bias", "swiglu", "relu-gate-input", "geglu-tanh-gate-input", "quick-gelu-outbias", "relu2"],
 )
 def test_moe_ffn_portable_matches_reference(tmp_path, glu, bias, out_bias, activation, gate_input):
     E, d, h = 5, 12, 7

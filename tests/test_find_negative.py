@@ -1,4 +1,5 @@
 """What is not an FFN is not matched, and each near-match is reported with its reason."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,3 +115,50 @@ def test_stacked_mlps_are_not_double_counted():
     assert len(report.matches) == 2
     assert report.matches[0].weights["w1"] == "0.weight" and report.matches[1].weights["w1"] == "4.weight"
     assert any("overlaps FFN" in r.reason for r in report.rejected)
+
+
+def test_unrecognised_activation_formula_is_a_near_match_naming_its_ops():
+    """An FFN whose activation is a formula moefx does not know (mish spelled out; a GLU gate
+    scaled by a constant) is not converted, and --explain says which ops it saw and what moefx
+    converts, instead of staying silent."""
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(D, FF), nn.Linear(FF, D)
+            self.g, self.u, self.d2 = nn.Linear(D, FF), nn.Linear(D, FF), nn.Linear(FF, D)
+
+        def forward(self, x):
+            h = self.up(x)
+            x = x + self.down(h * torch.tanh(F.softplus(h)))
+            return x + self.d2(F.silu(self.g(x)) * 1.5 * self.u(x))
+
+    report = _report(Odd(), torch.randn(3, D))
+    assert report.matches == []
+    by_module = {r.name.split(" ")[0]: r.reason for r in report.rejected}
+    assert set(by_module) == {"down", "d2"}
+    assert "softplus" in by_module["down"] and "tanh" in by_module["down"] and "relu2" in by_module["down"]
+    assert "elementwise function" in by_module["d2"] and "silu" in by_module["d2"]
+
+
+def test_shared_experts_of_a_converted_model_are_not_ffns_to_convert_again():
+    """convert() swaps layers in the model it is given; converting that model again must not
+    turn the shared experts inside each XMoE layer into a flattened GraphModule of nested MoEs."""
+    model, inputs, kwargs = zoo.llama()
+    model = moefx.convert(model, moefx.XMoEConfig(num_experts=4, num_shared=1), inputs, kwargs)
+    report = moefx.find_ffns(model, inputs, kwargs, explain=True)
+    assert report.matches == []
+    assert len(report.rejected) == zoo.LAYERS
+    assert all("already converted" in r.reason for r in report.rejected)
+    with pytest.raises(moefx.ConversionError, match=r"already holds 2 moefx MoE layer\(s\) \(model\.layers\.0\.mlp"):
+        moefx.convert(model, moefx.XMoEConfig(num_experts=4), inputs, kwargs)
+
+
+def test_dense_ffns_left_beside_converted_ones_still_convert():
+    model, inputs, kwargs = zoo.llama()
+    model = moefx.convert(model, moefx.XMoEConfig(num_experts=4, num_shared=1), inputs, kwargs,
+                          filter_fn=lambda m, fqn: fqn.startswith("model.layers.0."))
+    found = moefx.find_ffns(model, inputs, kwargs)
+    assert [m.path for m in found] == ["model.layers.1.mlp"]
+    again = moefx.convert(model, moefx.XMoEConfig(num_experts=4), inputs, kwargs)
+    assert again is model
+    assert all(type(layer.mlp).__name__ == "XMoE" for layer in model.model.layers)

@@ -160,7 +160,7 @@ def _spy_expert_mlp(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("activation", ["gelu", "silu", "relu", "gelu_tanh", "quick_gelu", "identity"])
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu", "gelu_tanh", "quick_gelu", "relu2", "identity"])
 @pytest.mark.parametrize("glu, bias, gate_input", [(False, True, True), (True, True, False), (False, False, False),
                                                    (True, False, True)])
 def test_expert_mlp_matches_float64_reference(activation, glu, bias, gate_input, monkeypatch):

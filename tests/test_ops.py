@@ -162,7 +162,7 @@ def test_zero_rows_and_all_skipped():
     assert (x.grad == 0).all()
 
 
-@pytest.mark.parametrize("gate_input, glu, activation", [(False, True, "gelu"), (True, False, "quick_gelu"), (True, True, "gelu_tanh"), (False, False, "silu")])
+@pytest.mark.parametrize("gate_input, glu, activation", [(False, True, "gelu"), (True, False, "quick_gelu"), (True, True, "gelu_tanh"), (False, False, "silu"), (False, True, "relu2")])
 def test_moe_ffn_gradcheck(gate_input, glu, activation):
     T, E, h, d, K = 6, 3, 4, 5, 2
     p = expert_weights(E, h, d, glu, True)

@@ -182,6 +182,7 @@ else:
         (torch.float32, 20, 72, "gelu_tanh", True, False, True, False),
         (torch.float32, 24, 16, "quick_gelu", False, True, False, True),
         (torch.float32, 24, 16, "identity", False, True, True, False),
+        (torch.float32, 40, 24, "relu2", True, False, False, True),
         (torch.float16, 72, 40, "gelu", True, True, True, True),
         (torch.float16, 96, 40, "silu", False, True, False, False),
         (torch.bfloat16, 72, 40, "gelu_tanh", False, True, True, True),

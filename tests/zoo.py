@@ -77,6 +77,16 @@ def qwen2():
     return _decoder("Qwen2Config", "Qwen2ForCausalLM")
 
 
+def nemotron():
+    """Squared-ReLU MLP (``relu(x) ** 2``, HF's ReLUSquaredActivation), as in Nemotron/Arcee."""
+    return _decoder("NemotronConfig", "NemotronForCausalLM", pad_token_id=0)
+
+
+def phi3():
+    """GLU with one fused ``gate_up_proj`` Linear cut by ``chunk``."""
+    return _decoder("Phi3Config", "Phi3ForCausalLM", pad_token_id=0)
+
+
 def opt():
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -187,6 +197,8 @@ ZOO = {
     "llama": llama,
     "mistral": mistral,
     "qwen2": qwen2,
+    "nemotron": nemotron,
+    "phi3": phi3,
     "opt": opt,
     "gpt_neox": gpt_neox,
     "t5": t5,
@@ -205,6 +217,8 @@ EXPECTED = {
     "llama": (LAYERS, "glu", "silu", False, False, "model.layers.0.mlp", True),
     "mistral": (LAYERS, "glu", "silu", False, False, "model.layers.0.mlp", True),
     "qwen2": (LAYERS, "glu", "silu", False, False, "model.layers.0.mlp", True),
+    "nemotron": (LAYERS, "mlp", "relu2", False, False, "model.layers.0.mlp", True),
+    "phi3": (LAYERS, "glu", "silu", False, False, "model.layers.0.mlp", True),
     "opt": (LAYERS, "mlp", "relu", True, True, "model.decoder.layers.0", False),
     "gpt_neox": (LAYERS, "mlp", "gelu", True, True, "gpt_neox.layers.0.mlp", True),
     "t5": (2 * LAYERS, "mlp", "relu", False, False, "encoder.block.0.layer.1.DenseReluDense", True),

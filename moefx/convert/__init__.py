@@ -137,6 +137,16 @@ def convert(
     if matches is None:
         matches = find_ffns(model, example_inputs, example_kwargs)
     if not matches:
+        from ..layers import SliceMoE, XMoE
+
+        moe = [name or "<root>" for name, m in model.named_modules() if isinstance(m, (XMoE, SliceMoE))]
+        if moe:
+            listed = ", ".join(moe[:4]) + (" ..." if len(moe) > 4 else "")
+            raise ConversionError(
+                f"no dense FFN block left in {type(model).__name__}: it already holds {len(moe)} moefx "
+                f"MoE layer(s) ({listed}). To convert with another configuration, convert a fresh "
+                "copy of the dense model (convert() swaps layers in the model it is given)"
+            )
         raise ConversionError(
             f"no dense FFN block found in {type(model).__name__}: nothing to convert. "
             "`moefx inspect MODEL --explain` lists near-misses and why they were rejected"

@@ -13,7 +13,7 @@ What the contrib op cannot do exactly, and therefore what falls back to the port
   onnxruntime has no fc3 on CPU), which is SiLU-GLU at alpha=1 and quick-GELU-GLU at
   alpha=1.702, beta=0 (checked on onnxruntime 1.32 against silu(gate) * up, also for inputs
   with |g| > 30: no implicit clamp when ``swiglu_limit`` is absent);
-- ``quick_gelu`` without GLU, and any dtype but float32 (the CPU kernel moefx has checked).
+- ``quick_gelu`` and ``relu2`` (squared ReLU) without GLU, and any dtype but float32 (the CPU kernel moefx has checked).
 """
 from __future__ import annotations
 

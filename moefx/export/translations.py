@@ -88,6 +88,9 @@ def _activation(name: str, v):
         return op.Mul(v, op.Sigmoid(v))
     if name == "quick_gelu":
         return op.Mul(v, op.Sigmoid(op.Mul(v, _scalar_like(1.702, v))))
+    if name == "relu2":
+        r = op.Relu(v)
+        return op.Mul(r, r)
     if name == "gelu":
         inner = op.Erf(op.Mul(v, _scalar_like(1.0 / math.sqrt(2.0), v)))
         return op.Mul(op.Mul(v, _scalar_like(0.5, v)), op.Add(inner, _scalar_like(1.0, v)))
@@ -100,7 +103,7 @@ def _activation(name: str, v):
         return op.Mul(op.Mul(v, _scalar_like(0.5, v)), op.Add(op.Tanh(inner), _scalar_like(1.0, v)))
     raise TranslationError(
         f"moe_ffn: activation {name!r} has no ONNX form; use one of relu, gelu, gelu_tanh, silu, "
-        "quick_gelu, identity"
+        "quick_gelu, relu2, identity"
     )
 
 

@@ -57,7 +57,7 @@ OPENMP_FLAG = "-fopenmp"
 MIN_NUMEL = 4096
 """Smaller tensors keep ATen's GELU: the ctypes call costs about as much as it saves."""
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "quick_gelu": 4, "gelu_tanh": 5}
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "quick_gelu": 4, "gelu_tanh": 5, "relu2": 6}
 """moefx's activation names and their codes in ``moefx_expert_mlp_f32``."""
 
 _lock = threading.Lock()

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5}
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5, "relu2": 6}
 
 # Widest expert input/output that the fused expert MLP keeps in registers as one tile.
 EXPERT_MLP_MAX_WIDTH = 256
@@ -121,6 +121,9 @@ def _act(x, ACT: tl.constexpr):
         x = x * tl.sigmoid(x)
     elif ACT == 5:
         x = x * tl.sigmoid(1.702 * x)
+    elif ACT == 6:
+        x = tl.maximum(x, 0.0)
+        x = x * x
     return x
 
 

@@ -1,9 +1,10 @@
 """The activation functions every moefx layer, op and reference shares.
 
 One table keeps the names of SPEC.md and docs/ARCHITECTURE.md (`relu, gelu, gelu_tanh, silu,
-quick_gelu, identity`) bound to one definition each, so the fast path, the float64 reference and
-the exporters cannot drift apart on what "gelu" means (erf form; `gelu_tanh` is the tanh form
-that onnxruntime's contrib MoE calls "gelu").
+quick_gelu, relu2, identity`) bound to one definition each, so the fast path, the float64
+reference and the exporters cannot drift apart on what "gelu" means (erf form; `gelu_tanh` is
+the tanh form that onnxruntime's contrib MoE calls "gelu"). `relu2` is the squared ReLU,
+``relu(x) ** 2``, of Primer, Nemotron, Persimmon and Arcee.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -29,6 +34,7 @@ _FORWARD: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
     "quick_gelu": _quick_gelu,
+    "relu2": _relu2,
     "identity": _identity,
 }
 
@@ -55,6 +61,8 @@ def activation_(name: str, z: torch.Tensor) -> torch.Tensor:
         return torch._C._nn.gelu_(z)
     if name == "gelu_tanh":
         return torch._C._nn.gelu_(z, approximate="tanh")
+    if name == "relu2":
+        return z.relu_().square_()
     if name == "identity":
         return z
     return z.copy_(_FORWARD[name](z))
@@ -73,6 +81,8 @@ def activation_backward(name: str, grad: torch.Tensor, z: torch.Tensor) -> torch
     if name == "quick_gelu":
         s = torch.sigmoid(1.702 * z)
         return grad * (s + 1.702 * z * s * (1 - s))
+    if name == "relu2":
+        return grad * (2.0 * z.clamp_min(0))
     if name == "identity":
         return grad
     raise ConfigError(f"activation={name!r} is not supported; use one of {ACTIVATIONS}")

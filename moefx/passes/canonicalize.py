@@ -76,6 +76,7 @@ _HF_ACT_NAMES = {
     "QuickGELUActivation": "quick_gelu",
     "SiLUActivation": "silu",
     "ReLUActivation": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 
 
@@ -379,7 +380,7 @@ class CanonicalizeActivations(PassBase):
     nodes are used outside it is left alone (replacing it would change those users).
     """
 
-    max_cone = 24
+    max_cone = acts.MAX_CONE
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -416,26 +417,10 @@ class CanonicalizeActivations(PassBase):
 
     def _cone(self, root: fx.Node):
         """Nodes of the pointwise cone ending at ``root`` in graph order, and its one input."""
-        members: list[fx.Node] = []
-        leaves: set = set()
-        stack, seen = [root], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if is_call(n, acts.POINTWISE) and (n is root or len(members) < self.max_cone):
-                members.append(n)
-                for a in list(n.args) + list(n.kwargs.values()):
-                    if isinstance(a, fx.Node):
-                        stack.append(a)
-                    elif not isinstance(a, (int, float, bool, str, type(None))):
-                        return None
-            else:
-                leaves.add(n)
-        if len(leaves) != 1 or len(members) > self.max_cone:
+        cone = acts.pointwise_cone(root, self.max_cone)
+        if cone is None:
             return None
-        x = next(iter(leaves))
+        members, x = cone
         members.sort(key=self._order.__getitem__)
         return members, x
 

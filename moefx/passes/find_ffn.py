@@ -246,6 +246,19 @@ def _common_path(nodes) -> Optional[str]:
     return common[-1] if common else ""
 
 
+MOE_LAYER_TYPES = ("moefx.layers.xmoe.XMoE", "moefx.layers.slicemoe.SliceMoE")
+"""moefx's own MoE layers: the small FFNs inside them (shared experts) are never dense FFNs to
+convert again."""
+
+
+def inside_moe_layer(node: fx.Node) -> Optional[str]:
+    """Path of the moefx MoE layer whose forward computed ``node``, or None."""
+    for path, typ in module_stack(node):
+        if typ in MOE_LAYER_TYPES:
+            return path
+    return None
+
+
 def _owner_type(node: fx.Node, owner: str) -> Optional[str]:
     for path, typ in module_stack(node):
         if path == owner:
@@ -330,6 +343,10 @@ class _Finder:
         return _owner_type(lin, owner)
 
     def accept(self, cand: Candidate) -> None:
+        moe = inside_moe_layer(cand.down)
+        if moe is not None:
+            raise _Rejected(f"inside the moefx MoE layer {moe or '<root>'}, already converted (its "
+                            "shared experts are computed as a small dense FFN)")
         weights, modules, layout, shapes, biases = {}, {}, {}, {}, {}
         for role, lin in cand.linears.items():
             self._weight(lin, role, weights, modules, layout, shapes, biases)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 
-from .activations import activation_of, other_nonlinearity
+from .activations import FFN_ACTIVATION_NAMES, activation_of, describe_cone, other_nonlinearity, pointwise_cone
 from .common import LINEAR, SPLITS, aten, is_call, is_getitem, strip_back
 
 
@@ -88,9 +88,15 @@ def search_glu(down: fx.Node) -> Optional[Candidate]:
         g_act = strip_back(g, path)
         name = activation_of(g_act)
         other = other_nonlinearity(g_act) if name is None else None
+        g_src = g_act.args[0] if g_act.args else None
         if name is None and other is None:
-            continue
-        g_in = strip_back(g_act.args[0], path)
+            cone = pointwise_cone(g_act)
+            if cone is None:
+                continue
+            members, g_src = cone
+            other = f"an elementwise function ({describe_cone(members)})"
+            path += [m for m in members if m is not g_act]
+        g_in = strip_back(g_src, path)
         u_in = strip_back(u, path)
         cand = Candidate("glu", "glu", down, activation=name or other, act=g_act, mul=h, through=path)
         if is_call(g_in, LINEAR) and is_call(u_in, LINEAR):
@@ -114,7 +120,7 @@ def search_glu(down: fx.Node) -> Optional[Candidate]:
         if name is None:
             cand.reject = (
                 f"gated block {g_act.name} uses {other}, which is not an FFN activation moefx "
-                "converts (relu, gelu, gelu_tanh, silu, quick_gelu)"
+                f"converts ({FFN_ACTIVATION_NAMES})"
             )
         return cand
     return None
@@ -140,8 +146,20 @@ def search_mlp(down: fx.Node) -> Optional[Candidate]:
                              linears={"w1": up, "w2": down}, through=through)
             cand.reject = (
                 f"{up.name} -> {other} -> {down.name}: {other} is not an FFN activation moefx "
-                "converts (relu, gelu, gelu_tanh, silu, quick_gelu); a pooler or classifier head "
-                "looks like this"
+                f"converts ({FFN_ACTIVATION_NAMES}); a pooler or classifier head looks like this"
+            )
+            return cand
+    cone = pointwise_cone(h)
+    if cone is not None:
+        members, src = cone
+        up = strip_back(src, through)
+        if is_call(up, LINEAR):
+            cand = Candidate("mlp", "mlp", down, x=up.args[0], activation="unrecognised", act=h,
+                             linears={"w1": up, "w2": down}, through=through + members)
+            cand.reject = (
+                f"{up.name} -> {len(members)} elementwise op(s) ({describe_cone(members)}) -> "
+                f"{down.name}: that function matches none of the activations moefx converts "
+                f"({FFN_ACTIVATION_NAMES}) on probe values"
             )
             return cand
     if is_call(h, LINEAR):

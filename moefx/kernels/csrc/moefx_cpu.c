@@ -148,7 +148,7 @@ static inline float moefx_exp1(float x) {
 }
 
 enum { MOEFX_IDENTITY = 0, MOEFX_RELU = 1, MOEFX_GELU = 2, MOEFX_SILU = 3, MOEFX_QUICK_GELU = 4,
-       MOEFX_GELU_TANH = 5 };
+       MOEFX_GELU_TANH = 5, MOEFX_RELU2 = 6 };
 
 static void mlp_activation(float *v, int64_t n, int act) {
     switch (act) {
@@ -174,6 +174,13 @@ static void mlp_activation(float *v, int64_t n, int act) {
             float x = v[i];
             float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
             v[i] = x / (1.0f + moefx_exp1(-2.0f * u));
+        }
+        break;
+    case MOEFX_RELU2:
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+            float r = v[i] > 0.0f ? v[i] : 0.0f;
+            v[i] = r * r;
         }
         break;
     default:
