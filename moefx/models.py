@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,22 @@ def load_from_source(source: dict) -> LoadedModel:
     raise ModelLoadError(f"unknown model source {source!r}; expected kind gguf, config, hf_dir or factory")
 
 
+def _saved_moefx_dir_reason(path: Path) -> str:
+    """Why a ``moefx.save`` directory is not a MODEL, and where its dense source is."""
+    source = None
+    try:
+        base = json.loads((path / "recipe.json").read_text()).get("base") or {}
+        source = base.get("source") or {}
+        source = source.get("path") or source.get("name") or source.get("factory")
+    except (OSError, ValueError, AttributeError):
+        pass
+    where = f" (its dense source: {source})" if source else ""
+    return (
+        "it is a model already converted and saved by moefx (recipe.json): `moefx export DIR` "
+        f"and `moefx.load(DIR)` read it; inspect and convert take the dense model{where}"
+    )
+
+
 def load_model(spec: str) -> LoadedModel:
     """Load MODEL (see the module docstring for the forms) in eval mode with example inputs."""
     if not isinstance(spec, str) or not spec:
@@ -256,6 +273,8 @@ def load_model(spec: str) -> LoadedModel:
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return _load_gguf(ggufs[0], {"kind": "gguf", "path": str(ggufs[0].resolve())})
+            if (path / "recipe.json").is_file():
+                raise _not_a_model(spec, _saved_moefx_dir_reason(path))
             raise _not_a_model(spec, "the directory has no config.json (and not exactly one .gguf)")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
             raise _not_a_model(

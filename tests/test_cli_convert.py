@@ -92,3 +92,15 @@ def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, mon
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-train", "embeddings", "--out", str(tmp_path / "o2")])
     assert "invalid choice: 'embeddings'" in capsys.readouterr().err
+
+
+def test_converting_a_saved_moefx_directory_points_to_its_dense_source(tiny_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for command in (["convert", str(out), "--to", "xmoe", "--out", str(tmp_path / "again")], ["inspect", str(out)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "already converted and saved by moefx" in err and "moefx export DIR" in err
+        assert os.path.abspath(tiny_config) in err
+    assert not (tmp_path / "again").exists()
