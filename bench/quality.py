@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--shared", type=int, default=4)
     ap.add_argument("--split", default="kmeans")
+    ap.add_argument("--threshold", type=float, default=0.9,
+                    help="XMoE threshold t; calibration sets each router's scale so t keeps the ratio")
     ap.add_argument("--calib-tokens", type=int, default=32768,
                     help="tokens for the layer-wise fit (default 32768: routers fit on fewer generalise worse)")
     ap.add_argument("--eval-tokens", type=int, default=2048)
@@ -90,9 +92,9 @@ def main(argv=None) -> int:
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         if kind == "xmoe":
-            cfg = moefx.XMoEConfig(num_experts=args.experts, num_shared=args.shared, threshold=0.9,
+            cfg = moefx.XMoEConfig(num_experts=args.experts, num_shared=args.shared, threshold=args.threshold,
                                    split=args.split, router="fitted")
-            label = (f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router ({args.router_target}), t=0.9 rescaled, "
+            label = (f"XMoE E={args.experts}+{args.shared} shared, {args.split}, fitted router ({args.router_target}), t={args.threshold} rescaled, "
                      f"{args.budgets} budgets" + (f" +-{args.budget_spread}" if args.budget_spread else ""))
         else:
             cfg = moefx.SliceMoEConfig(num_slices=8, num_experts=16, top_k=2)

@@ -55,6 +55,9 @@ CONTRIB_EXPECTED = {  # what the ort target must emit for each layer
     "slicemoe-input-gate": False,
     "slicemoe-output-gate-swiglu": True,
 }
+#: layers whose routing is the contrib op's own (softmax, top-k, raw or renormalised weights):
+#: their router logits feed the node directly, with no TopK or log-weight scatter in the graph
+DIRECT_EXPECTED = {"xmoe-top3-quick_gelu-glu-bias", "slicemoe-output-gate-swiglu"}
 
 
 def _reference(layer, x):
@@ -77,6 +80,11 @@ def test_layer_round_trip(tmp_path, name, target):
     assert plan.path == "moe" and plan.emitted == ("com.microsoft.MoE" if contrib else "portable")
     nodes = _contrib_nodes(path)
     assert [n.op_type for n in nodes] == (["MoE"] if contrib else [])
+    direct = contrib and name in DIRECT_EXPECTED
+    assert plan.direct == direct and ("routing inside the node" in plan.reason) == direct
+    if contrib:
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert ("TopK" in ops or "ScatterElements" in ops) != direct
     assert report.verification and all(r.ok for r in report.verification)
     assert {r.shapes for r in report.verification} == {"2x5x16", "1x1x16"}
 

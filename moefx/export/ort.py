@@ -4,6 +4,12 @@ is swapped, for the duration of the export, for a wrapper whose expert compute i
 standard ONNX ops (the router, ``xmoe_select``, ``capacity_drop``), so the contrib op only ever
 sees the final per-row expert weights and the rest of the model exports normally.
 
+Where the layer's routing *is* the contrib op's own (softmax over all E, then top-k: XMoE
+``top_k`` with ``combine="prob"`` and no capacity, whose weights are the raw probabilities,
+``normalize_routing_weights=0``; SliceMoE ``gate="output"``, whose k weights are renormalised,
+``normalize_routing_weights=1``), the router's logits go to the node directly
+(``moefx::ort_moe_routed``): no Softmax, TopK or log-weight scatter around it.
+
 What the contrib op cannot do exactly, and therefore what falls back to the portable form:
 
 - input gating (SliceMoE ``gate="input"``): the op scales expert outputs, never inputs;
@@ -59,6 +65,37 @@ def _(x, idx, weight, fc1, fc1_bias, fc2, fc2_bias, activation_type, k, swiglu_f
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("moefx::ort_moe_routed", mutates_args=())
+def ort_moe_routed(
+    x: Tensor,
+    logits: Tensor,
+    fc1: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2: Tensor,
+    fc2_bias: Optional[Tensor],
+    activation_type: str,
+    k: int,
+    normalize: int,
+    swiglu_fusion: int,
+    activation_alpha: float,
+    activation_beta: float,
+) -> Tensor:
+    """``com.microsoft.MoE`` routing its rows itself: ``p = softmax(logits)`` over all E, the
+    top ``k`` experts by p, weighted by p (renormalised over the k when ``normalize``)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weight, idx = probs.topk(k, dim=-1)
+    if normalize:
+        weight = weight / weight.sum(-1, keepdim=True)
+    return ort_moe(x, idx, weight.to(x.dtype), fc1, fc1_bias, fc2, fc2_bias, activation_type, k,
+                   swiglu_fusion, activation_alpha, activation_beta)
+
+
+@ort_moe_routed.register_fake
+def _(x, logits, fc1, fc1_bias, fc2, fc2_bias, activation_type, k, normalize, swiglu_fusion, activation_alpha,
+      activation_beta):
+    return torch.empty_like(x)
+
+
 def _unfuse(fc1, fc1_bias, activation_type, swiglu_fusion, alpha, beta):
     if activation_type == "swiglu":
         if swiglu_fusion != 1:
@@ -95,6 +132,8 @@ class LayerPlan:
     swiglu_alpha: Optional[float] = None
     k: int = 0
     approximated: bool = False
+    direct: bool = False
+    """The router's logits feed the contrib op, which does softmax and top-k itself."""
 
 
 def _layer_kinds():
@@ -122,6 +161,25 @@ def plan_layer(path: str, layer: nn.Module, target: str, accept_gelu_tanh: bool 
         return LayerPlan(path, kind, PORTABLE, f"weights are {layer.w1.dtype}; the com.microsoft.MoE "
                          "path is checked for float32 only")
     k = layer.config.max_selected if isinstance(layer, XMoE) else layer.config.top_k
+    plan = _contrib_plan(path, kind, layer, k, accept_gelu_tanh)
+    if plan.emitted == CONTRIB and _routes_like_contrib(layer):
+        plan = dataclasses.replace(plan, direct=True,
+                                   reason=plan.reason + "; top-k routing inside the node")
+    return plan
+
+
+def _routes_like_contrib(layer: nn.Module) -> bool:
+    """Whether the layer's inference routing is exactly the contrib op's own (module docstring)."""
+    XMoE, _ = _layer_kinds()
+    if layer.training:  # SliceMoE's cross-slice dropout; XMoE's routing is the same, kept simple
+        return False
+    if isinstance(layer, XMoE):
+        cfg = layer.config
+        return cfg.top_k is not None and layer.combine == "prob" and cfg.capacity_factor is None
+    return True  # SliceMoE, gate="output" (input gating never reaches the contrib op)
+
+
+def _contrib_plan(path: str, kind: str, layer: nn.Module, k: int, accept_gelu_tanh: bool) -> LayerPlan:
     act = layer.activation
     if layer.glu:
         if act not in _SWIGLU_ALPHA:
@@ -169,24 +227,39 @@ class OrtMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         layer, plan = self.layer, self.plan
         x2d = x.reshape(-1, layer.d_model)
-        idx, weight, _ = layer.route(x2d)
-        if self.is_xmoe:
-            weight = layer.combine_weight(idx, weight)
         fc1 = self.fc1 if self.fc1 is not None else layer.w1
         fc1_bias = self.fc1_bias if self.fc1 is not None else layer.b1
         fc2_bias = None if self.is_xmoe else layer.b2
         rows = x2d.reshape(-1, self.width)
-        y = torch.ops.moefx.ort_moe(
-            rows, idx, weight, fc1, fc1_bias, layer.w2, fc2_bias, plan.activation_type, plan.k,
-            1 if plan.activation_type == "swiglu" else 0,
-            plan.swiglu_alpha if plan.swiglu_alpha is not None else 1.0, 0.0,
-        ).reshape(x2d.shape)
+        activation = (plan.activation_type, plan.k)
+        swiglu = (1 if plan.activation_type == "swiglu" else 0,
+                  plan.swiglu_alpha if plan.swiglu_alpha is not None else 1.0, 0.0)
+        if plan.direct:
+            normalize = 0 if self.is_xmoe else 1
+            y = torch.ops.moefx.ort_moe_routed(rows, self._logits(rows), fc1, fc1_bias, layer.w2, fc2_bias,
+                                               *activation, normalize, *swiglu)
+        else:
+            idx, weight, _ = layer.route(x2d)
+            if self.is_xmoe:
+                weight = layer.combine_weight(idx, weight)
+            y = torch.ops.moefx.ort_moe(rows, idx, weight, fc1, fc1_bias, layer.w2, fc2_bias, *activation, *swiglu)
+        y = y.reshape(x2d.shape)
         if self.is_xmoe:
             if layer.config.num_shared:
                 y = y + layer.shared_ffn(x2d)
             if layer.bias is not None:
                 y = y + layer.bias
         return y.reshape(x.shape)
+
+
+    def _logits(self, rows: Tensor) -> Tensor:
+        """The router's float32 logits for ``rows`` (the layer's own router, before softmax)."""
+        layer = self.layer
+        if self.is_xmoe:
+            return torch.nn.functional.linear(rows.float(), layer.router.weight.float())
+        lin1, lin2 = layer.router[0], layer.router[2]
+        hidden = torch.relu(torch.nn.functional.linear(rows.float(), lin1.weight.float(), lin1.bias.float()))
+        return torch.nn.functional.linear(hidden, lin2.weight.float(), lin2.bias.float())
 
 
 class swapped_layers:

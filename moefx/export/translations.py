@@ -266,6 +266,16 @@ def _expert_loop(num_experts: int, expert: Callable, shape, like):
 # ------------------------------------------------------------------ moefx::ort_moe
 
 
+def _moe_attributes(activation_type: str, k: int, normalize: int, swiglu_fusion: int, alpha: float,
+                    beta: float) -> dict:
+    """The ``com.microsoft.MoE`` node's attributes (SwiGLU's only when it is one)."""
+    attributes = dict(activation_type=activation_type, k=int(k), normalize_routing_weights=int(normalize))
+    if swiglu_fusion:
+        attributes.update(swiglu_fusion=int(swiglu_fusion), activation_alpha=float(alpha),
+                          activation_beta=float(beta))
+    return attributes
+
+
 def ort_moe_to_contrib(
     x: FLOAT,
     idx: INT64,
@@ -298,15 +308,29 @@ def ort_moe_to_contrib(
         reduction="max",
     )
     total = op.ReduceSum(op.Where(valid, gate, zero), _i64([1]), keepdims=1)
-    attributes = dict(activation_type=activation_type, k=int(k), normalize_routing_weights=0)
-    if swiglu_fusion:
-        attributes.update(
-            swiglu_fusion=int(swiglu_fusion),
-            activation_alpha=float(activation_alpha),
-            activation_beta=float(activation_beta),
-        )
+    attributes = _moe_attributes(activation_type, k, 0, swiglu_fusion, activation_alpha, activation_beta)
     y = msft.MoE(x, logits, fc1, fc1_bias, fc2, fc2_bias, **attributes)
     return op.Mul(y, total)
+
+
+def ort_moe_routed_to_contrib(
+    x: FLOAT,
+    logits: FLOAT,
+    fc1: FLOAT,
+    fc1_bias: Optional[FLOAT],
+    fc2: FLOAT,
+    fc2_bias: Optional[FLOAT],
+    activation_type: str,
+    k: int,
+    normalize: int,
+    swiglu_fusion: int,
+    activation_alpha: float,
+    activation_beta: float,
+) -> FLOAT:
+    """``moefx::ort_moe_routed``: one ``com.microsoft.MoE`` node on the router's logits; the
+    node's own softmax and top-k are the layer's routing."""
+    attributes = _moe_attributes(activation_type, k, normalize, swiglu_fusion, activation_alpha, activation_beta)
+    return msft.MoE(x, op.CastLike(logits, x), fc1, fc1_bias, fc2, fc2_bias, **attributes)
 
 
 # ------------------------------------------------------------------ the table
@@ -329,6 +353,7 @@ _PORTABLE = {
     "moefx::capacity_drop": capacity_drop_portable,
     "moefx::moe_ffn": moe_ffn_portable,
     "moefx::ort_moe": ort_moe_to_contrib,
+    "moefx::ort_moe_routed": ort_moe_routed_to_contrib,
 }
 
 
