@@ -333,3 +333,31 @@ def test_spaced_keeps_inputs_and_targets_paired():
     rows = spaced(x, 10)
     assert rows.shape == (10, 1) and rows[0, 0] == 0 and rows[-1, 0] == 99
     assert torch.equal(spaced(2 * x, 10), 2 * rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_calibrates_in_float32_and_comes_back_in_its_dtypes(dtype):
+    """A model loaded in bf16/fp16 (the usual way to load a HF checkpoint) calibrates: the fit
+    runs in float32, reaching the errors of the same model calibrated in float32, and every
+    tensor returns to its own dtype, a float32 buffer staying float32, ties kept."""
+    reports = {}
+    for dt in (torch.float32, dtype):
+        torch.manual_seed(0)
+        model, inputs, kwargs = ZOO["llama"]()
+        model = model.to(dt)
+        model.register_buffer("kept_fp32", torch.linspace(0, 1, 5))
+        model = moefx.convert(model, XMoEConfig(num_experts=6, num_shared=1), inputs, kwargs,
+                              calibration_batches=batches(2))
+        before = {n: p.dtype for n, p in model.named_parameters()}
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        reports[dt] = moefx.calibrate(model, batches(4), target_ratio=0.6, distill_steps=2, verbose=False,
+                                      progress=False)
+        assert {n: p.dtype for n, p in model.named_parameters()} == before == {n: dt for n in before}
+        assert model.kept_fp32.dtype == torch.float32
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        with torch.no_grad():
+            out = model(batches(1)[0], use_cache=False).logits
+        assert out.dtype == dt and torch.isfinite(out).all()
+    half, full = reports[dtype], reports[torch.float32]
+    assert half.mean("rel_err_after") == pytest.approx(full.mean("rel_err_after"), rel=0.05)
+    assert half.mean("ratio_after") == pytest.approx(full.mean("ratio_after"), abs=0.02)

@@ -779,6 +779,39 @@ def _fit(layer, x2d, norms, steps):
     fit_router(layer, x2d, norms, steps=steps)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class float32_weights:
+    """Cast a model's float16/bfloat16 parameters and buffers to float32 in place (``.data``, so
+    every Parameter keeps its identity and ties); calling the object casts each back to its own
+    dtype. Calibration solves least-squares systems and takes Adam steps that half precision
+    cannot hold; float32 buffers of a half model (RoPE frequencies) are left as they are."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._changed = []
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.dtype in LOW_PRECISION:
+                    self._changed.append((t, t.dtype))
+                    t.data = t.data.float()
+        self.cast = len(self._changed)
+        self.dtypes = {dt for _, dt in self._changed}
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for t, dt in self._changed:
+                t.data = t.data.to(dt)
+        self._changed = []
+
+
+def float32_inputs(batch):
+    """``batch`` with its float16/bfloat16 tensors (pixel values, embeddings) in float32."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION else v, batch)
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable,
@@ -903,6 +936,15 @@ def calibrate(
     if distill_batches is not None:
         distill_batches = list(distill_batches)
         rows = Inputs.of(distill_batches[0]).rows() if distill_batches else None
+    restore_dtypes = float32_weights(model)
+    if restore_dtypes.cast:
+        batches = [float32_inputs(b) for b in batches]
+        if distill_batches is not None:
+            distill_batches = [float32_inputs(b) for b in distill_batches]
+        if verbose:
+            print(f"calibrating in float32: {restore_dtypes.cast} parameters/buffers in "
+                  f"{', '.join(sorted(str(d).replace('torch.', '') for d in restore_dtypes.dtypes))} "
+                  "are cast back at the end")
     try:
         t_dense = time.perf_counter()
         with torch.no_grad(), dense_mode(layers):
@@ -1028,6 +1070,7 @@ def calibrate(
             h.remove()
         store.close()
         set_mode(model, was_training)
+        restore_dtypes()
     report.seconds = time.perf_counter() - t0
     if verbose:
         print(report.table())
