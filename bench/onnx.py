@@ -113,6 +113,12 @@ def bench_layer(d: int, d_ff: int, experts: int, shapes, workdir: str, min_secon
                 activation="silu", glu=True, bias=False, converted=True).eval()
     thr = XMoE(XMoEConfig(num_experts=experts, threshold=0.5), d, d_ff, activation="silu", glu=True,
                bias=False, converted=True).eval()
+    # the paper's probability weights: the ort form hands the router logits to the contrib op,
+    # which routes itself (no TopK / log-weight scatter in the graph)
+    prob = XMoE(XMoEConfig(num_experts=experts, threshold=None, top_k=experts // 4, combine="prob"), d, d_ff,
+                activation="silu", glu=True, bias=False).eval()
+    with torch.no_grad():
+        prob.load_state_dict(topk.state_dict())
     with torch.no_grad():
         thr.router.weight.normal_(0, 2.0 / d ** 0.5)
     t = threshold_for(thr, calib, experts / 4)
@@ -122,6 +128,8 @@ def bench_layer(d: int, d_ff: int, experts: int, shapes, workdir: str, min_secon
         active = mean_active(layer, calib) / experts
         for target in ("portable", "ort"):
             variants.append((f"{label} [{target}]", layer, target, active))
+    variants.append((f"XMoE top-{experts // 4}/{experts} prob [ort, routed in node]", prob, "ort",
+                     mean_active(prob, calib) / experts))
     sessions = []
     for name, layer, target, active in variants:
         path = os.path.join(workdir, f"layer-{len(sessions)}.onnx")

@@ -227,3 +227,27 @@ def test_bad_arguments_are_explained(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         export_onnx(model, (torch.randn(2, 3, D),), str(tmp_path / "nope" / "m.onnx"))
     assert moefx.export_onnx is export_onnx
+
+
+def test_float16_layers_export_and_run_on_cpu(tmp_path):
+    """A float16 model exports and runs in onnxruntime's CPU provider: the experts' rows are
+    summed in float32 (the CPU ScatterND has no float16 add), within SPEC §3's half tolerance."""
+    layer = XMoE(XMoEConfig(num_experts=6, threshold=0.7, num_shared=1), D, DFF, activation="silu", glu=True).eval()
+    model = Only(layer).half()
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, (torch.randn(2, 5, D).half(),), str(path), target="ort")
+    assert report.layers[0].emitted == "portable" and "float16" in report.layers[0].reason
+    assert report.verification and all(r.ok for r in report.verification)
+    x = torch.randn(3, 7, D)
+    (got,) = session(str(path)).run(None, {"x": x.half().numpy()})
+    with torch.no_grad():
+        ref = layer.float()(x).numpy()
+    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=1e-2, atol=1e-2 * float(np.abs(ref).max()))
+
+
+def test_bfloat16_model_fails_verification_with_what_to_do(tmp_path):
+    model = Only(LAYERS["xmoe-threshold-relu"]().eval()).to(torch.bfloat16)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match=r"no bfloat16 kernels.*model\.float\(\)"):
+        export_onnx(model, (torch.randn(2, 5, D).to(torch.bfloat16),), str(path))
+    assert not path.exists() and os.listdir(tmp_path) == []

@@ -259,8 +259,19 @@ def _expert_loop(num_experts: int, expert: Callable, shape, like):
         outs_all.append(out)
     rows_cat = op.Unsqueeze(op.Concat(*rows_all, axis=0), _i64([1]))
     outs_cat = op.Concat(*outs_all, axis=0)
+    if _is_half(like):
+        # onnxruntime's CPU ScatterND has no float16 "add" reduction; summing the experts' rows
+        # in float32 is also the more accurate order (SPEC §3: half-precision paths accumulate in
+        # float32)
+        total = op.ScatterND(op.ConstantOfShape(shape), rows_cat, op.Cast(outs_cat, to=FLOAT.dtype), reduction="add")
+        return op.CastLike(total, like)
     zeros = op.CastLike(op.ConstantOfShape(shape), like)
     return op.ScatterND(zeros, rows_cat, outs_cat, reduction="add")
+
+
+def _is_half(value) -> bool:
+    """Whether a traced value is float16/bfloat16 (its dtype as the exporter records it)."""
+    return str(getattr(value, "dtype", "")).rsplit(".", 1)[-1].upper() in ("FLOAT16", "BFLOAT16")
 
 
 # ------------------------------------------------------------------ moefx::ort_moe

@@ -108,6 +108,11 @@ def resize_inputs(args: tuple, kwargs: dict, dynamic_axes: dict, size: int = 1):
     return pytree.tree_unflatten(out, spec)
 
 
+def _holds_bfloat16(exported_program) -> bool:
+    state = getattr(exported_program, "state_dict", None) or {}
+    return any(getattr(v, "dtype", None) == torch.bfloat16 for v in state.values())
+
+
 def compare(path: str, exported_program, input_sets: Sequence, expected_sets: Sequence,
             rtol: Optional[float] = None) -> list[VerifyResult]:
     """Run ``path`` on every provider and every ``(args, kwargs)`` of ``input_sets`` against
@@ -118,7 +123,12 @@ def compare(path: str, exported_program, input_sets: Sequence, expected_sets: Se
         try:
             sess = session(path, provider)
         except Exception as err:  # onnxruntime raises its own exception types
-            raise VerificationError(f"onnxruntime ({provider}) cannot load {path}: {err}") from err
+            hint = ""
+            if provider == "CPUExecutionProvider" and "NOT_IMPLEMENTED" in str(err) and _holds_bfloat16(exported_program):
+                hint = (". onnxruntime's CPU provider has no bfloat16 kernels for most ops: export a "
+                        "float32 copy (model.float()) or a float16 one (model.half()), or pass "
+                        "verify=False to write the bfloat16 file for a runtime that runs it")
+            raise VerificationError(f"onnxruntime ({provider}) cannot load {path}: {err}{hint}") from err
         names = [o.name for o in sess.get_outputs()]
         for (args, kwargs), expected in zip(input_sets, expected_sets):
             feed = feeds(exported_program, args, kwargs)
