@@ -30,7 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--ratio", type=float, default=0.75, help="target activation ratio (default 0.75)")
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--shared", type=int, default=16)
-    p.add_argument("--budgets", default="inverse", choices=["uniform", "relative", "absolute", "inverse"],
+    from .convert.calibrate import BUDGET_MODES
+
+    p.add_argument("--budgets", default="inverse", choices=BUDGET_MODES,
                    help="per-layer activation budgets (calibrate(budgets=...)); default inverse: "
                         "1.49x vs 1.55x uniform on SmolLM2 at 75%%")
     p.add_argument("--calib-tokens", type=int, default=16384,

@@ -16,7 +16,7 @@ import os
 import sys
 
 from ..config import XMOE_ROUTERS, XMOE_SPLITS
-from .calibrate import ROUTER_TARGETS
+from .calibrate import BUDGET_MODES, ROUTER_TARGETS
 
 EPILOG = """\
 Examples:
@@ -56,6 +56,14 @@ def register(subparsers) -> None:
                         "SmolLM2 at 50%% went from 1.66x to 1.44-1.48x dense perplexity with 32768 instead of 4096")
     p.add_argument("--target-ratio", type=float, default=None,
                    help="XMoE: rescale routers so this fraction of expert groups is active (needs calibration)")
+    p.add_argument("--budgets", choices=BUDGET_MODES, default="uniform",
+                   help="XMoE per-layer activation budgets around --target-ratio: uniform (default: every "
+                   "layer at the ratio) or inverse (first and last layers get more; SmolLM2 at 75%%: 1.49x "
+                   "dense perplexity against 1.55x uniform, and every quality figure of bench/RESULTS.md "
+                   "uses it); relative/absolute spend more where routing loses more")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop distillation when calibration has run this long (the layer-wise fit always "
+                   "completes); e.g. 600 for the ten minutes of bench/RESULTS.md")
     p.add_argument("--steps", type=int, default=None, help="Adam steps per layer during calibration")
     p.add_argument("--distill-steps", type=int, default=0,
                    help="after the layer-wise fit, end-to-end distillation steps toward the dense model's outputs "
@@ -205,6 +213,9 @@ def run(args) -> int:
     if args.distill_steps and not args.calibrate_tokens:
         print("moefx convert: --distill-steps needs --calibrate-tokens N (distillation follows calibration)", file=sys.stderr)
         return 2
+    if args.budgets != "uniform" and args.target_ratio is None:
+        print("moefx convert: --budgets spreads --target-ratio over the layers: give --target-ratio too", file=sys.stderr)
+        return 2
     if args.target_ratio is not None and not args.calibrate_tokens:
         print("moefx convert: --target-ratio needs --calibrate-tokens N (the routers are rescaled on data)", file=sys.stderr)
         return 2
@@ -223,7 +234,7 @@ def run(args) -> int:
         return 1
     print(f"converted {len(model.moefx_recipe['layers'])} FFN blocks to {args.to}", flush=True)
     if batches:
-        kw = {"router_target": args.router_target}
+        kw = {"router_target": args.router_target, "budgets": args.budgets, "budget_seconds": args.time_budget}
         if args.steps is not None:
             kw["steps"] = args.steps
         if args.distill_steps:
