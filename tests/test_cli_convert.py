@@ -128,3 +128,16 @@ def test_convert_spreads_budgets_over_layers_and_caps_time(tiny_config, tmp_path
                  "--out", str(tmp_path / "o2")]) == 2
     assert "--budgets spreads --target-ratio" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_convert_dtype_casts_the_model_before_converting(tiny_config, tmp_path, capsys):
+    import torch
+
+    import moefx
+
+    out = tmp_path / "out"
+    assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
+                 "--dtype", "bfloat16", "--out", str(out)]) == 0
+    assert "(bfloat16)" in capsys.readouterr().out
+    model = moefx.load(str(out))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -79,3 +79,21 @@ def test_cli_exports_directory_saved_by_convert(tmp_path, capsys):
     assert code == 0, printed
     assert sum(n.domain == "com.microsoft" for n in _nodes(out)) >= 1
     assert os.path.exists(out)
+
+
+def test_bfloat16_directory_exports_with_dtype_float32(tmp_path, capsys):
+    """A converted model saved in bfloat16 (a HF checkpoint loads in its own dtype) fails
+    onnxruntime's CPU check with what to do; --dtype float32 exports and verifies it."""
+    import moefx
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_llama_config()).eval().to(torch.bfloat16)
+    converted = moefx.convert(model, XMoEConfig(num_experts=8, threshold=0.9), (torch.randint(0, 40, (1, 6)),))
+    saved = tmp_path / "conv"
+    moefx.save(converted, str(saved))
+    out = tmp_path / "conv.onnx"
+    assert main(["export", str(saved), "--onnx", str(out)]) == 1
+    assert "--dtype float32" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(saved), "--onnx", str(out), "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "verified in onnxruntime" in printed and sum(n.domain == "com.microsoft" for n in _nodes(out)) == 1

@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--to", choices=("xmoe", "slicemoe"), required=True, help="the MoE layer kind")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (recipe.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="cast the loaded model first (default: as loaded; a Hugging Face checkpoint loads "
+                   "in its own dtype, often bfloat16; calibration computes in float32 either way)")
     p.add_argument("--experts", type=int, default=16,
                    help="experts per layer (default 16). XMoE: more, smaller experts route better (SmolLM2 at 75%%: "
                         "256 + 64 shared gave 1.24x dense perplexity, 64 + 16 gave 1.35x) but run slower on CPU")
@@ -224,7 +227,12 @@ def run(args) -> int:
     except ModelLoadError as err:
         print(f"moefx convert: {err}", file=sys.stderr)
         return 2
-    print(f"loaded {type(loaded.model).__name__} from {args.model}", flush=True)
+    if args.dtype is not None:
+        import torch
+
+        loaded.model.to(getattr(torch, args.dtype))
+    print(f"loaded {type(loaded.model).__name__} from {args.model}"
+          f" ({next(loaded.model.parameters()).dtype})".replace("torch.", ""), flush=True)
     batches = calibration_batches_for(loaded, args.calibrate_tokens) if args.calibrate_tokens else None
     try:
         model = convert(loaded.model, cfg, loaded.example_inputs, loaded.example_kwargs,

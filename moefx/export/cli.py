@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--static", action="store_true", help="fixed input shapes instead of dynamic batch/sequence")
     p.add_argument("--accept-gelu-tanh", action="store_true",
                    help="let erf-GELU layers use the contrib op's tanh GELU")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="cast the model's weights first (default: as loaded; a Hugging Face checkpoint "
+                   "loads in its own dtype, often bfloat16, which onnxruntime's CPU provider cannot run: "
+                   "pass float32 or float16)")
     p.add_argument("--batch", type=int, default=2, help="example batch size for language models (default 2)")
     p.add_argument("--seq", type=int, default=8, help="example sequence length for language models (default 8)")
     p.set_defaults(func=run)
@@ -111,6 +115,10 @@ def run(args) -> int:
         print(f"moefx export: cannot load {args.model!r}: {err}", file=sys.stderr)
         return 2
     print(f"loaded {source}", file=sys.stderr)
+    if args.dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, args.dtype))
     try:
         report = export_onnx(
             model, ex_args, args.onnx, target=args.target, dynamic=not args.static,

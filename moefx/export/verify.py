@@ -126,8 +126,9 @@ def compare(path: str, exported_program, input_sets: Sequence, expected_sets: Se
             hint = ""
             if provider == "CPUExecutionProvider" and "NOT_IMPLEMENTED" in str(err) and _holds_bfloat16(exported_program):
                 hint = (". onnxruntime's CPU provider has no bfloat16 kernels for most ops: export a "
-                        "float32 copy (model.float()) or a float16 one (model.half()), or pass "
-                        "verify=False to write the bfloat16 file for a runtime that runs it")
+                        "float32 copy (model.float(); `moefx export --dtype float32`) or a float16 one "
+                        "(model.half()), or pass verify=False to write the bfloat16 file for a runtime "
+                        "that runs it")
             raise VerificationError(f"onnxruntime ({provider}) cannot load {path}: {err}{hint}") from err
         names = [o.name for o in sess.get_outputs()]
         for (args, kwargs), expected in zip(input_sets, expected_sets):
