@@ -1,7 +1,9 @@
 """Capture: ``nn.Module`` -> ``torch.fx.GraphModule``, the first stage of the pipeline.
 
 ``torch.export.export(..., strict=False)`` comes first: it traces through arbitrary Python (all
-Hugging Face models), records for every node the module it came from (``nn_module_stack``) and,
+Hugging Face models), with every input dimension ``Dim.AUTO`` (export keeps dynamic what the
+model lets vary, such as batch and sequence, so a GraphModule that conversion returns is not
+tied to the example's shape; a static export is the fallback), records for every node the module it came from (``nn_module_stack``) and,
 once unlifted with ``ep.module()``, reads each parameter through a ``get_attr`` node whose target
 is the parameter's fqn in the original model. That is what FFN discovery needs. Hugging Face
 decoders return a cache object export cannot flatten, so ``use_cache=False`` is added to the
@@ -98,13 +100,42 @@ class MoefxTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _auto_dims(value):
+    """``dynamic_shapes`` for one input: every dimension of every tensor ``Dim.AUTO`` (export
+    keeps dynamic what the model lets vary, e.g. batch and sequence, and specialises the rest)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: {i: torch.export.Dim.AUTO for i in range(v.dim())}
+                    if isinstance(v, torch.Tensor) else None, value)
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """torch.export with dynamic dimensions where the model allows them, so that a GraphModule
+    that conversion returns runs on other batch and sequence sizes; a static export when the
+    dynamic one fails."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        try:
+            dynamic = (_auto_dims(args), _auto_dims(kwargs))
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_spec(model, args, kwargs, dynamic),
+                                     strict=False)
+        except Exception:  # a model export cannot trace symbolically still captures statically
+            ep = torch.export.export(model, args, kwargs, strict=False)
         gm = ep.module()
     gm.meta["moefx_capture"] = "torch.export"
     return gm
+
+
+def _dynamic_spec(model: nn.Module, args: tuple, kwargs: dict, dynamic):
+    """``dynamic_shapes`` keyed as torch.export wants them: by the forward's parameter names."""
+    arg_specs, kwarg_specs = dynamic
+    names = [n for n, p in inspect.signature(model.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        return tuple(arg_specs) + tuple(kwarg_specs.values()) if not kwargs else None
+    spec = dict(zip(names, arg_specs))
+    spec.update(kwarg_specs)
+    return spec
 
 
 def _fx_trace(model: nn.Module, args: tuple, kwargs: dict, leaf_modules) -> fx.GraphModule:

@@ -11,6 +11,7 @@ from moefx.capture import prepare_kwargs
 from moefx.config import ConfigError, XMoEConfig
 from moefx.convert.rewrite import ConversionError
 
+import zoo
 from zoo import EXPECTED, ZOO
 
 
@@ -91,6 +92,35 @@ def test_functional_block_gives_a_graph_module():
     calls = [n for n in out.graph.nodes if n.op == "call_module" and type(out.get_submodule(n.target)).__name__ == "XMoE"]
     assert len(calls) == 1
     assert run(out, inputs, kwargs).shape == inputs[0].shape
+
+
+def test_graph_module_result_runs_on_other_batch_and_sequence_sizes():
+    """The capture keeps batch and sequence dynamic, so the GraphModule conversion returns is a
+    model, not a trace of one input shape."""
+    model, inputs, kwargs = ZOO["functional_mlp"]()
+    out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=1.0), inputs, kwargs)
+    assert isinstance(out, fx.GraphModule) and inputs[0].shape[:2] == (2, 5)
+    for shape in [(3, 11, zoo.D), (1, 1, zoo.D), (7, 2, zoo.D)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ffn_called_at_several_places_stays_one_shared_layer():
+    torch.manual_seed(0)
+    model, (x,), _ = zoo.shared_ffn()
+    dense_params = sum(p.numel() for p in model.parameters())
+    assert len(moefx.find_ffns(model, (x,))) == 3
+    out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=1.0, num_shared=1), (x,))
+    layers = {id(m): m for m in out.modules() if type(m).__name__ == "XMoE"}
+    assert len(layers) == 1
+    (layer,) = layers.values()
+    assert sum(p.numel() for p in out.parameters()) == dense_params + layer.router.weight.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+    report = moefx.calibrate(out, [torch.randn(2, 8, zoo.D) for _ in range(2)], target_ratio=0.6,
+                             verbose=False, progress=False)
+    assert [r.tokens for r in report.layers] == [3 * 2 * 2 * 8]  # every call site's inputs
 
 
 def test_selection_by_filter_and_by_map():

@@ -10,6 +10,7 @@ import moefx
 from moefx.config import SliceMoEConfig, XMoEConfig
 
 from test_convert_xmoe import run
+import zoo
 from zoo import ZOO
 
 
@@ -47,6 +48,17 @@ def test_graph_module_round_trip_through_source(tmp_path):
     back = moefx.load(path)
     assert isinstance(back, fx.GraphModule)
     assert torch.equal(back(*inputs), out(*inputs))
+
+
+def test_shared_layer_round_trip_stays_shared(tmp_path):
+    model, inputs, kwargs = zoo.shared_ffn()
+    out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=0.7), inputs, kwargs)
+    path = moefx.save(out, str(tmp_path / "s"), source={"kind": "factory", "factory": "zoo:shared_ffn"})
+    back = moefx.load(path)
+    assert len({id(m) for m in back.modules() if type(m).__name__ == "XMoE"}) == 1
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in out.parameters())
+    x = torch.randn(3, 4, zoo.D)
+    assert torch.equal(back(x), out(x))
 
 
 def test_existing_directory_is_not_overwritten_without_flag(tmp_path):

@@ -174,6 +174,24 @@ def functional_mlp():
     return FunctionalMLP().eval(), (torch.randn(2, 5, D),), {}
 
 
+class SharedFFN(nn.Module):
+    """ALBERT-style depth sharing: one FFN's weights, written as functional code, applied three
+    times in a row (three call sites of one block; not in ZOO, whose models have one each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = FunctionalMLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = self.inner(x)
+        return x
+
+
+def shared_ffn():
+    return SharedFFN().eval(), (torch.randn(2, 5, D),), {}
+
+
 class FusedGLU(nn.Module):
     """Phi-3 style fused ``gate_up`` Linear cut by ``chunk``, then SwiGLU."""
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import SliceMoEConfig, XMoEConfig
 from .calibrate import CalibrationReport, Inputs, calibrate
-from .rewrite import ConversionError, graph_replace, plan, select, set_submodule, unique_name
+from .rewrite import ConversionError, drop_unused_weights, graph_replace, plan, select, set_submodule, unique_name
 
 __all__ = ["convert", "calibrate", "ConversionError", "CalibrationReport", "Inputs"]
 
@@ -173,22 +173,31 @@ def convert(
     from ..passes.to_xmoe import xmoe_layer_for
 
     layers = []
+    built = {}  # one layer per (weights, config): a block called at several places (ALBERT's
+    # shared layers) stays one set of parameters, fitted on the inputs of every call
     for p, (m, cfg) in zip(placements, chosen):
         key = m.path if m.path is not None else m.name
-        if isinstance(cfg, XMoEConfig):
+        weights_key = (tuple(sorted(m.weights.items())), repr(cfg))
+        if weights_key in built:
+            layers.append(built[weights_key])
+        elif isinstance(cfg, XMoEConfig):
             layers.append(xmoe_layer_for(m, cfg, model, stats=stats.get(key), seed=seed))
         else:
             layers.append(slicemoe_layer_for(m, cfg, model, seed=seed))
+        built[weights_key] = layers[-1]
 
     entries = []
     result: nn.Module = model
     if use_graph:
         if gm is None:
             raise ConversionError("a block needs a graph rewrite but find_ffns kept no GraphModule")
+        names = {}
         for p, (m, cfg), layer in zip(placements, chosen, layers):
-            name = unique_name(gm, f"moefx_{_kind(cfg)}_{m.path or m.name}")
+            name = names.get(id(layer)) or unique_name(gm, f"moefx_{_kind(cfg)}_{m.path or m.name}")
+            names[id(layer)] = name
             graph_replace(gm, m, layer, name)
             entries.append(_entry(m, cfg, layer, "graph", name, None))
+        drop_unused_weights(gm, [fqn for m, _ in chosen for fqn in m.weights.values()])
         result = gm
     else:
         for p, (m, cfg), layer in zip(placements, chosen, layers):

@@ -147,7 +147,7 @@ def load(directory: str) -> nn.Module:
     """Rebuild a model saved by :func:`save` and load its weights (eval mode)."""
     from safetensors.torch import load_model
 
-    from .rewrite import graph_replace, set_submodule
+    from .rewrite import drop_unused_weights, graph_replace, set_submodule
 
     recipe_path = os.path.join(directory, RECIPE)
     weights_path = os.path.join(directory, WEIGHTS)
@@ -168,7 +168,9 @@ def load(directory: str) -> nn.Module:
         for e in entries:
             if e["name"] not in matches:
                 raise ValueError(f"{directory}: the rebuilt model has no FFN block {e['name']!r} any more")
-            graph_replace(gm, matches[e["name"]], _build_layer(e), e["target"])
+            layer = getattr(gm, e["target"], None)  # a layer shared by several call sites is built once
+            graph_replace(gm, matches[e["name"]], layer if layer is not None else _build_layer(e), e["target"])
+        drop_unused_weights(gm, [fqn for e in entries for fqn in matches[e["name"]].weights.values()])
         result = gm
     else:
         for e in entries:

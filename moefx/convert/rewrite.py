@@ -148,8 +148,10 @@ def select(
 
 
 def graph_replace(gm: fx.GraphModule, match, layer: nn.Module, name: str) -> None:
-    """Replace the block's nodes in ``gm`` by one ``call_module`` to ``layer``."""
-    gm.add_submodule(name, layer)
+    """Replace the block's nodes in ``gm`` by one ``call_module`` to ``layer`` (registered as
+    ``name``, or already there under it: one layer may serve several call sites)."""
+    if getattr(gm, name, None) is not layer:
+        gm.add_submodule(name, layer)
     graph = gm.graph
     with graph.inserting_before(match.output_node):
         new = graph.call_module(name, (match.input_node,))
@@ -161,6 +163,21 @@ def graph_replace(gm: fx.GraphModule, match, layer: nn.Module, name: str) -> Non
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def drop_unused_weights(gm: fx.GraphModule, fqns) -> None:
+    """Delete from ``gm`` the dense weights ``fqns`` that no node reads any more (the rewritten
+    blocks' own copies live in their MoE layers): a GraphModule result would otherwise carry
+    every converted FFN twice."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for fqn in dict.fromkeys(fqns):
+        if fqn in used:
+            continue
+        owner_path, _, attr = fqn.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+    gm.delete_all_unused_submodules()
 
 
 def unique_name(gm: nn.Module, base: str) -> str:
