@@ -1,13 +1,15 @@
 """Capture: ``nn.Module`` -> ``torch.fx.GraphModule``, the first stage of the pipeline.
 
 ``torch.export.export(..., strict=False)`` comes first: it traces through arbitrary Python (all
-Hugging Face models), with every input dimension ``Dim.AUTO`` (export keeps dynamic what the
-model lets vary, such as batch and sequence, so a GraphModule that conversion returns is not
-tied to the example's shape; a static export is the fallback), records for every node the module it came from (``nn_module_stack``) and,
+Hugging Face models), records for every node the module it came from (``nn_module_stack``) and,
 once unlifted with ``ep.module()``, reads each parameter through a ``get_attr`` node whose target
 is the parameter's fqn in the original model. That is what FFN discovery needs. Hugging Face
 decoders return a cache object export cannot flatten, so ``use_cache=False`` is added to the
-keyword arguments of any model whose config has ``use_cache``.
+keyword arguments of any model whose config has ``use_cache``. With ``dynamic=True`` every input
+dimension is ``Dim.AUTO`` (export keeps dynamic what the model lets vary, such as batch and
+sequence, and specialises the rest; a static export is the fallback): conversion captures that
+way when its result is a GraphModule, which must then run on other shapes than the example's.
+Finding FFNs needs no more than a static graph, which captures about twice as fast.
 
 When export fails (data-dependent Python control flow export cannot guard, unsupported ops),
 moefx's own :class:`MoefxTracer` tries next: ``torch.fx`` symbolic tracing with ``nn.Linear``,
@@ -109,20 +111,30 @@ def _auto_dims(value):
                     if isinstance(v, torch.Tensor) else None, value)
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    """torch.export with dynamic dimensions where the model allows them, so that a GraphModule
-    that conversion returns runs on other batch and sequence sizes; a static export when the
-    dynamic one fails."""
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool = False) -> fx.GraphModule:
+    """torch.export; with ``dynamic``, dynamic dimensions where the model allows them (a static
+    export when the dynamic one fails: ``gm.meta["moefx_dynamic"]`` says which it got)."""
+    import logging
+
+    gm = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            dynamic = (_auto_dims(args), _auto_dims(kwargs))
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_spec(model, args, kwargs, dynamic),
-                                     strict=False)
-        except Exception:  # a model export cannot trace symbolically still captures statically
-            ep = torch.export.export(model, args, kwargs, strict=False)
-        gm = ep.module()
+        if dynamic:
+            quiet = logging.getLogger("torch._export.non_strict_utils")  # "dim ... specialized" notes
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                spec = _dynamic_spec(model, args, kwargs, (_auto_dims(args), _auto_dims(kwargs)))
+                gm = torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False).module()
+            except Exception:  # a model export cannot trace symbolically still captures statically
+                gm = None
+            finally:
+                quiet.setLevel(level)
+        dynamic_ok = gm is not None
+        if gm is None:
+            gm = torch.export.export(model, args, kwargs, strict=False).module()
     gm.meta["moefx_capture"] = "torch.export"
+    gm.meta["moefx_dynamic"] = dynamic_ok
     return gm
 
 
@@ -161,6 +173,7 @@ def _fx_trace(model: nn.Module, args: tuple, kwargs: dict, leaf_modules) -> fx.G
         with torch.no_grad():
             ShapeProp(gm).propagate(*feed)
     gm.meta["moefx_capture"] = "fx"
+    gm.meta["moefx_dynamic"] = True  # symbolic tracing records sizes as graph nodes, not constants
     return gm
 
 
@@ -170,6 +183,7 @@ def capture(
     example_kwargs: Optional[dict] = None,
     leaf_modules: Sequence[Union[type, str]] = (),
     methods: Sequence[str] = ("export", "fx"),
+    dynamic: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` on the example inputs into a GraphModule (see the module docstring).
 
@@ -177,8 +191,9 @@ def capture(
     arguments (a tokenizer's output); ``example_kwargs`` are
     keyword arguments (``use_cache=False`` is added for Hugging Face models). ``leaf_modules``
     (types or module paths) are kept whole by the fallback tracer. ``gm.meta["moefx_capture"]``
-    says which method worked. The returned graph is not canonicalised; FFN discovery does that
-    in place.
+    says which method worked. ``dynamic``: keep the dimensions the model lets vary dynamic (see
+    the module docstring). The returned graph is not canonicalised; FFN discovery does that in
+    place.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
@@ -190,7 +205,7 @@ def capture(
     for method in methods:
         try:
             if method == "export":
-                return _export(model, args, kwargs)
+                return _export(model, args, kwargs, dynamic)
             if method == "fx":
                 return _fx_trace(model, args, kwargs, leaf_modules)
             raise ValueError(f"unknown capture method {method!r}; use 'export' or 'fx'")

@@ -111,3 +111,16 @@ def test_mapping_inputs_are_keyword_arguments():
     gm = capture(model, {"input_ids": args[0]})
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     assert "input_ids" in placeholders and "use_cache" in placeholders
+
+
+def test_dynamic_capture_runs_on_other_shapes_and_static_is_the_default():
+    model, inputs, kwargs = zoo.functional_mlp()
+    static = capture(model, inputs, kwargs)
+    assert static.meta["moefx_dynamic"] is False
+    with pytest.raises(Exception):
+        static(torch.randn(3, 7, zoo.D))  # the default graph is the example's shape only
+    gm = capture(model, inputs, kwargs, dynamic=True)
+    assert gm.meta["moefx_dynamic"] is True
+    for shape in [(3, 7, zoo.D), (1, 1, zoo.D)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(gm(x), model(x))

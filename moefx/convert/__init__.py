@@ -160,8 +160,10 @@ def convert(
         )
     _validate(chosen)
     placements = plan([m for m, _ in chosen])
-    gm = matches[0].graph_module
     use_graph = any(p.how == "graph" for p in placements)
+    if use_graph:
+        chosen, placements = _dynamic_graph(model, example_inputs, example_kwargs, chosen, placements)
+    gm = chosen[0][0].graph_module
     stats = {}
     if any(_needs_stats(cfg) for _, cfg in chosen):
         batches = calibration_batches
@@ -222,6 +224,32 @@ def convert(
     }
     object.__setattr__(result, "moefx_recipe", recipe)
     return result
+
+
+def _dynamic_graph(model, example_inputs, example_kwargs, chosen, placements):
+    """The chosen blocks found again in a capture with dynamic batch/sequence dimensions: the
+    GraphModule that conversion returns must run on other shapes than the example's. Keeps the
+    static graph (with a warning) when the model cannot be captured so or its blocks differ."""
+    import warnings
+
+    from ..passes.find_ffn import find_ffns
+
+    gm = chosen[0][0].graph_module
+    if gm is not None and gm.meta.get("moefx_dynamic"):
+        return chosen, placements
+    why = None
+    try:
+        again = find_ffns(model, example_inputs, example_kwargs, dynamic=True)
+        by_name = {m.name: m for m in again}
+        if again and again[0].graph_module.meta.get("moefx_dynamic") and all(m.name in by_name for m, _ in chosen):
+            chosen = [(by_name[m.name], cfg) for m, cfg in chosen]
+            return chosen, plan([m for m, _ in chosen])
+        why = "the blocks were not found again with dynamic shapes"
+    except Exception as err:  # the static graph still converts; it only fixes the input shape
+        why = f"{type(err).__name__}: {err}"
+    warnings.warn(f"moefx.convert: the GraphModule it returns runs only on inputs shaped like the example "
+                  f"inputs (a capture with dynamic batch/sequence failed: {why})", stacklevel=3)
+    return chosen, placements
 
 
 def _kind(cfg) -> str:

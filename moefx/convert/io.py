@@ -163,7 +163,7 @@ def load(directory: str) -> nn.Module:
     if any(e["how"] == "graph" for e in entries):
         from ..passes.find_ffn import find_ffns
 
-        matches = {m.name: m for m in find_ffns(model, inputs, kwargs)}
+        matches = {m.name: m for m in find_ffns(model, inputs, kwargs, dynamic=True)}
         gm = next(iter(matches.values())).graph_module
         for e in entries:
             if e["name"] not in matches:

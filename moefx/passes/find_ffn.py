@@ -489,13 +489,16 @@ def find_ffns(
     example_kwargs: Optional[dict] = None,
     explain: bool = False,
     leaf_modules: Sequence = (),
+    dynamic: bool = False,
 ):
     """Capture ``model`` on the example inputs and find its dense FFN blocks.
 
     Returns ``list[FFNMatch]`` in graph order; with ``explain=True`` a :class:`FindReport`
-    whose ``rejected`` lists each near-match that is not an FFN, with the reason.
+    whose ``rejected`` lists each near-match that is not an FFN, with the reason. ``dynamic``
+    captures with dynamic batch/sequence dimensions (:func:`moefx.capture`), for a graph that
+    is rewritten and returned.
     """
     from ..capture import capture
 
-    gm = capture(model, example_inputs, example_kwargs, leaf_modules=leaf_modules)
+    gm = capture(model, example_inputs, example_kwargs, leaf_modules=leaf_modules, dynamic=dynamic)
     return find_ffns_in_graph(gm, model=model, explain=explain)
