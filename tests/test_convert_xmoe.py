@@ -190,3 +190,24 @@ def test_to_xmoe_pass_runs_in_the_pass_manager_and_is_exact():
     assert next(iter(p.converted)) in targets
     with torch.no_grad():
         torch.testing.assert_close(res.graph_module(*inputs), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_converts_exactly(norm_first):
+    """PyTorch's own nn.TransformerEncoder: its FFN is code inside the layer's forward
+    (linear1 -> activation -> dropout -> linear2), so the result is a GraphModule; it equals the
+    dense encoder, runs on other shapes, and carries no copy of the replaced dense weights."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 80, batch_first=True, norm_first=norm_first)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, 32)
+    dense_params = sum(p.numel() for p in enc.parameters())
+    out = moefx.convert(enc, XMoEConfig(num_experts=4, threshold=1.0), (x,))
+    assert isinstance(out, fx.GraphModule)
+    routers = [m.router.weight.numel() for m in out.modules() if type(m).__name__ == "XMoE"]
+    assert len(routers) == 2
+    assert sum(p.numel() for p in out.parameters()) == dense_params + sum(routers)
+    for shape in [(2, 7, 32), (3, 5, 32)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(out(x), enc(x), rtol=1e-5, atol=1e-5)

@@ -174,7 +174,10 @@ def drop_unused_weights(gm: fx.GraphModule, fqns) -> None:
         if fqn in used:
             continue
         owner_path, _, attr = fqn.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:  # the graph reads it under another path, or not at all
+            continue
         owner._parameters.pop(attr, None)
         owner._buffers.pop(attr, None)
     gm.delete_all_unused_submodules()
