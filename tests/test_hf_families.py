@@ -95,3 +95,29 @@ def _build_mixtral():
     transformers.logging.set_verbosity_error()
     cfg = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
     return transformers.MixtralForCausalLM(cfg).eval(), (torch.randint(1, 60, (2, 10)),), {"use_cache": False}
+
+
+def test_albert_shared_layer_converts_at_every_call_and_stays_shared():
+    """ALBERT applies one layer's weights at every depth: each call site of its FFN (the same
+    module path every time) is rewritten, to one shared XMoE layer fitted on all of them."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.AlbertConfig(hidden_size=D, intermediate_size=FF, num_hidden_layers=3, num_attention_heads=4,
+                                    embedding_size=16, vocab_size=64)
+    model = transformers.AlbertModel(cfg).eval()
+    ids = torch.randint(1, 60, (2, 10))
+    with torch.no_grad():
+        dense = model(ids).last_hidden_state
+    dense_params = sum(p.numel() for p in model.parameters())
+    found = moefx.find_ffns(model, (ids,))
+    assert len(found) == 3 and len({m.name for m in found}) == 1
+    out = moefx.convert(model, moefx.XMoEConfig(num_experts=4, threshold=1.0), (ids,))
+    layers = {id(m): m for m in out.modules() if type(m).__name__ == "XMoE"}
+    assert len(layers) == 1
+    calls = [n for n in out.graph.nodes if n.op == "call_module" and type(out.get_submodule(n.target)).__name__ == "XMoE"]
+    assert len(calls) == 3
+    (layer,) = layers.values()
+    assert sum(p.numel() for p in out.parameters()) == dense_params + layer.router.weight.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(out(ids).last_hidden_state, dense, rtol=1e-5, atol=1e-5)
+        assert out(torch.randint(1, 60, (3, 7))).last_hidden_state.shape == (3, 7, D)

@@ -162,7 +162,7 @@ def convert(
     placements = plan([m for m, _ in chosen])
     use_graph = any(p.how == "graph" for p in placements)
     if use_graph:
-        chosen, placements = _dynamic_graph(model, example_inputs, example_kwargs, chosen, placements)
+        chosen, placements = _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, placements)
     gm = chosen[0][0].graph_module
     stats = {}
     if any(_needs_stats(cfg) for _, cfg in chosen):
@@ -226,7 +226,19 @@ def convert(
     return result
 
 
-def _dynamic_graph(model, example_inputs, example_kwargs, chosen, placements):
+def _occurrences(matches) -> dict:
+    """``{id(match): (name, k)}``: the k-th block of that name in graph order (a block called at
+    several places has one name per call)."""
+    seen: dict = {}
+    keys = {}
+    for m in matches:
+        k = seen.get(m.name, 0)
+        seen[m.name] = k + 1
+        keys[id(m)] = (m.name, k)
+    return keys
+
+
+def _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, placements):
     """The chosen blocks found again in a capture with dynamic batch/sequence dimensions: the
     GraphModule that conversion returns must run on other shapes than the example's. Keeps the
     static graph (with a warning) when the model cannot be captured so or its blocks differ."""
@@ -240,9 +252,11 @@ def _dynamic_graph(model, example_inputs, example_kwargs, chosen, placements):
     why = None
     try:
         again = find_ffns(model, example_inputs, example_kwargs, dynamic=True)
-        by_name = {m.name: m for m in again}
-        if again and again[0].graph_module.meta.get("moefx_dynamic") and all(m.name in by_name for m, _ in chosen):
-            chosen = [(by_name[m.name], cfg) for m, cfg in chosen]
+        static_keys, again_keys = _occurrences(matches), _occurrences(again)
+        by_key = {again_keys[id(m)]: m for m in again}
+        keys = [static_keys.get(id(m)) for m, _ in chosen]
+        if again and again[0].graph_module.meta.get("moefx_dynamic") and all(k in by_key for k in keys):
+            chosen = [(by_key[k], cfg) for k, (_, cfg) in zip(keys, chosen)]
             return chosen, plan([m for m, _ in chosen])
         why = "the blocks were not found again with dynamic shapes"
     except Exception as err:  # the static graph still converts; it only fixes the input shape
