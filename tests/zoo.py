@@ -192,6 +192,16 @@ def shared_ffn():
     return SharedFFN().eval(), (torch.randn(2, 5, D),), {}
 
 
+def albert():
+    """ALBERT: one layer's weights at every depth, its FFN code inside the layer's forward (three
+    calls of one block with one module path; not in ZOO)."""
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = _quiet(AlbertConfig, hidden_size=D, intermediate_size=FF, num_hidden_layers=3, num_attention_heads=2,
+                 embedding_size=8, vocab_size=VOCAB, max_position_embeddings=32)
+    return AlbertModel(cfg).eval(), (_ids(2),), {}
+
+
 class FusedGLU(nn.Module):
     """Phi-3 style fused ``gate_up`` Linear cut by ``chunk``, then SwiGLU."""
 

@@ -162,7 +162,8 @@ def convert(
     placements = plan([m for m, _ in chosen])
     use_graph = any(p.how == "graph" for p in placements)
     if use_graph:
-        chosen, placements = _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, placements)
+        chosen, placements, matches = _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen,
+                                                     placements)
     gm = chosen[0][0].graph_module
     stats = {}
     if any(_needs_stats(cfg) for _, cfg in chosen):
@@ -194,11 +195,13 @@ def convert(
         if gm is None:
             raise ConversionError("a block needs a graph rewrite but find_ffns kept no GraphModule")
         names = {}
+        occurrence = _occurrences(matches)
         for p, (m, cfg), layer in zip(placements, chosen, layers):
             name = names.get(id(layer)) or unique_name(gm, f"moefx_{_kind(cfg)}_{m.path or m.name}")
             names[id(layer)] = name
             graph_replace(gm, m, layer, name)
             entries.append(_entry(m, cfg, layer, "graph", name, None))
+            entries[-1]["occurrence"] = occurrence[id(m)][1]
         drop_unused_weights(gm, [fqn for m, _ in chosen for fqn in m.weights.values()])
         result = gm
     else:
@@ -248,7 +251,7 @@ def _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, place
 
     gm = chosen[0][0].graph_module
     if gm is not None and gm.meta.get("moefx_dynamic"):
-        return chosen, placements
+        return chosen, placements, matches
     why = None
     try:
         again = find_ffns(model, example_inputs, example_kwargs, dynamic=True)
@@ -257,13 +260,13 @@ def _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, place
         keys = [static_keys.get(id(m)) for m, _ in chosen]
         if again and again[0].graph_module.meta.get("moefx_dynamic") and all(k in by_key for k in keys):
             chosen = [(by_key[k], cfg) for k, (_, cfg) in zip(keys, chosen)]
-            return chosen, plan([m for m, _ in chosen])
+            return chosen, plan([m for m, _ in chosen]), again
         why = "the blocks were not found again with dynamic shapes"
     except Exception as err:  # the static graph still converts; it only fixes the input shape
         why = f"{type(err).__name__}: {err}"
     warnings.warn(f"moefx.convert: the GraphModule it returns runs only on inputs shaped like the example "
                   f"inputs (a capture with dynamic batch/sequence failed: {why})", stacklevel=3)
-    return chosen, placements
+    return chosen, placements, matches
 
 
 def _kind(cfg) -> str:

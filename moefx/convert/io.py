@@ -162,15 +162,24 @@ def load(directory: str) -> nn.Module:
     result: nn.Module = model
     if any(e["how"] == "graph" for e in entries):
         from ..passes.find_ffn import find_ffns
+        from . import _occurrences
 
-        matches = {m.name: m for m in find_ffns(model, inputs, kwargs, dynamic=True)}
-        gm = next(iter(matches.values())).graph_module
+        found = find_ffns(model, inputs, kwargs, dynamic=True)
+        keys = _occurrences(found)
+        matches = {keys[id(m)]: m for m in found}  # (name, k): a block called at several places
+        seen: dict = {}
+        used = []
         for e in entries:
-            if e["name"] not in matches:
+            k = e.get("occurrence", seen.get(e["name"], 0))
+            seen[e["name"]] = k + 1
+            if (e["name"], k) not in matches:
                 raise ValueError(f"{directory}: the rebuilt model has no FFN block {e['name']!r} any more")
-            layer = getattr(gm, e["target"], None)  # a layer shared by several call sites is built once
-            graph_replace(gm, matches[e["name"]], layer if layer is not None else _build_layer(e), e["target"])
-        drop_unused_weights(gm, [fqn for e in entries for fqn in matches[e["name"]].weights.values()])
+            match = matches[(e["name"], k)]
+            layer = getattr(match.graph_module, e["target"], None)  # a layer shared by several calls is built once
+            graph_replace(match.graph_module, match, layer if layer is not None else _build_layer(e), e["target"])
+            used.append(match)
+        gm = used[0].graph_module
+        drop_unused_weights(gm, [fqn for m in used for fqn in m.weights.values()])
         result = gm
     else:
         for e in entries:
