@@ -211,3 +211,23 @@ def test_torch_transformer_encoder_converts_exactly(norm_first):
         x = torch.randn(*shape)
         with torch.no_grad():
             torch.testing.assert_close(out(x), enc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_result_falls_back_to_the_static_graph_with_a_warning(monkeypatch):
+    """When the dynamic re-capture fails, conversion still succeeds on the static graph and says
+    that the result only takes inputs shaped like the example."""
+    import moefx.passes.find_ffn as find_mod
+
+    model, inputs, kwargs = ZOO["functional_mlp"]()
+    real = find_mod.find_ffns
+
+    def static_only(*args, dynamic=False, **kw):
+        if dynamic:
+            raise RuntimeError("symbolic shapes not supported here")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(find_mod, "find_ffns", static_only)
+    with pytest.warns(UserWarning, match="runs only on inputs shaped like the example.*symbolic shapes"):
+        out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=1.0), inputs, kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(out(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
