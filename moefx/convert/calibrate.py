@@ -902,6 +902,8 @@ def calibrate(
     dense model's (:func:`rescale_in_model`; the report's ``ratio_model`` column); its time is
     kept out of ``budget_seconds``' distillation share. Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
+    A float16/bfloat16 model is calibrated in float32 (:class:`float32_weights`) and every
+    parameter and buffer goes back to its own dtype at the end.
     """
     from .distill import distill, record_teachers, teacher_target
     from tqdm.auto import tqdm

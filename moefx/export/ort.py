@@ -251,7 +251,6 @@ class OrtMoE(nn.Module):
                 y = y + layer.bias
         return y.reshape(x.shape)
 
-
     def _logits(self, rows: Tensor) -> Tensor:
         """The router's float32 logits for ``rows`` (the layer's own router, before softmax)."""
         layer = self.layer
