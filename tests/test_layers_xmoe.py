@@ -217,3 +217,58 @@ def test_errors_name_the_problem():
         XMoE({"num_experts": 4}, 8, 16)
     with pytest.raises(ConfigError, match="d_ff"):
         XMoE(XMoEConfig(num_experts=16), 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_experts=8, threshold=0.9),  # prob combine: the router gets gradients too
+        dict(num_experts=8, threshold=0.9, converted=True, glu=True, activation="silu", num_shared=2),
+        dict(num_experts=6, top_k=4, activation="relu2", bias=True),
+        dict(num_experts=5, threshold=0.95, max_experts=3, activation="gelu_tanh", combine="unit", glu=True),
+    ],
+)
+def test_dense_masked_training_path_matches_the_op_in_values_and_gradients(kw, monkeypatch):
+    """With gradients flowing and most experts kept, the layer trains through dense masked GEMMs
+    instead of the grouped op; outputs and every gradient must be the op's (float64)."""
+    torch.manual_seed(0)
+    layer = make(**kw).double().train()
+    x = torch.randn(4, 9, 16, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for path, share in (("op", 2.0), ("dense", 0.0)):
+        monkeypatch.setattr(XMoE, "DENSE_TRAIN_SHARE", share)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        idx, weight, _ = layer.route(x.reshape(-1, 16))
+        assert layer.use_dense_training(x.reshape(-1, 16), idx, weight) == (path == "dense")
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        results[path] = (y.detach(), x.grad.clone(), grads)
+    (y0, gx0, g0), (y1, gx1, g1) = results["op"], results["dense"]
+    torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-10, atol=1e-10)
+    assert g1.keys() == g0.keys() and "w1" in g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_dense_masked_path_only_when_training_a_high_share(monkeypatch):
+    layer = make(num_experts=8, threshold=0.99).train()
+    x = torch.randn(20, 16)
+    idx, weight, _ = layer.route(x)
+    assert (idx >= 0).float().mean() * idx.shape[1] / 8 >= 0.5
+    assert layer.use_dense_training(x, idx, weight)
+    with torch.no_grad():
+        assert not layer.use_dense_training(x, idx, weight)
+    assert not layer.eval().use_dense_training(x, idx, weight)  # inference keeps the op, bit for bit
+    layer.train()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    idx, weight, _ = layer.route(x)
+    assert not layer.use_dense_training(x, idx, weight)  # nothing to differentiate
+    assert layer.use_dense_training(x.requires_grad_(), idx, weight)  # the input's gradient still flows
+    x = x.detach()
+    sparse = make(num_experts=8, top_k=1).train()
+    idx, weight, _ = sparse.route(x)
+    assert not sparse.use_dense_training(x, idx, weight)  # 1 of 8 kept: the grouped op

@@ -123,12 +123,52 @@ class XMoE(nn.Module):
             hidden = hidden * F.linear(x2d, self.shared_w3, self.shared_b3)
         return F.linear(hidden, self.shared_w2)
 
+    DENSE_TRAIN_SHARE = 0.5
+    """When training (train mode, gradients flowing) on a batch that keeps at least this share of
+    the routed experts, the experts run as two dense GEMMs over every expert with the unchosen ones' hidden units
+    zeroed (see :meth:`dense_masked_experts`): the same values and gradients, but at a high
+    share the grouped op's many small per-expert GEMMs and their backward cost more than the
+    dense FLOPs (CPU, d=576, d_ff=1536, 89% kept, 512 tokens, forward + backward: 264 -> 90 ms
+    with 64 experts, 910 -> 99 ms with 256). Eval mode (inference, with or without no_grad),
+    export and compilation always use the op."""
+
+    def use_dense_training(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> bool:
+        if not (self.training and torch.is_grad_enabled()) or isinstance(x2d, torch.fx.Proxy):
+            return False
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        params = (self.w1, self.b1, self.w3, self.b3, self.w2)
+        if not (x2d.requires_grad or weight.requires_grad or any(p is not None and p.requires_grad for p in params)):
+            return False
+        kept = int((idx >= 0).sum())
+        return kept >= self.DENSE_TRAIN_SHARE * idx.shape[0] * self.config.num_experts
+
+    def dense_masked_experts(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``moe_ffn``'s routed sum, ``Σ_j weight[n,j] · FFN_{idx[n,j]}(x[n])``, computed for every
+        expert at once: the hidden units of experts a row did not choose are multiplied by 0
+        (its weight for them), so rows only receive their chosen experts' outputs. Exact up to
+        float summation order; differentiable in x, the weights and the expert parameters."""
+        E, h, d = self.w1.shape
+        n = x2d.shape[0]
+        w = torch.where(idx >= 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        gate = x2d.new_zeros((n, E)).scatter_add(1, idx.clamp_min(0), w.to(x2d.dtype))
+        hidden = activation_fn(self.activation)(
+            F.linear(x2d, self.w1.reshape(E * h, d), None if self.b1 is None else self.b1.reshape(E * h)))
+        if self.w3 is not None:
+            hidden = hidden * F.linear(x2d, self.w3.reshape(E * h, d), None if self.b3 is None else self.b3.reshape(E * h))
+        hidden = (hidden.view(n, E, h) * gate.unsqueeze(-1)).reshape(n, E * h)
+        return F.linear(hidden, self.w2.permute(1, 0, 2).reshape(d, E * h))
+
     def experts(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Expert compute for given routing: routed experts + shared experts + layer bias."""
-        y = torch.ops.moefx.moe_ffn(
-            x2d, idx, self.combine_weight(idx, weight), self.w1, self.b1, self.w3, self.b3,
-            self.w2, None, self.activation, False,
-        )
+        combined = self.combine_weight(idx, weight)
+        if self.use_dense_training(x2d, idx, combined):
+            y = self.dense_masked_experts(x2d, idx, combined)
+        else:
+            y = torch.ops.moefx.moe_ffn(
+                x2d, idx, combined, self.w1, self.b1, self.w3, self.b3,
+                self.w2, None, self.activation, False,
+            )
         # y is the op's fresh output: without autograd, add into it rather than allocate again
         # (a [T, d] pass saved per term; ~0.5 ms of a 22 ms T=2048 call)
         inplace = not (torch.is_grad_enabled() and (y.requires_grad or (self.bias is not None and self.bias.requires_grad)))
