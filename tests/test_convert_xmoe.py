@@ -231,3 +231,15 @@ def test_graph_result_falls_back_to_the_static_graph_with_a_warning(monkeypatch)
         out = moefx.convert(model, XMoEConfig(num_experts=4, threshold=1.0), inputs, kwargs)
     with torch.no_grad():
         torch.testing.assert_close(out(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_layers_take_the_models_mode(training):
+    model, inputs, kwargs = ZOO["llama"]()
+    model.train(training)
+    out = moefx.convert(model, XMoEConfig(num_experts=4), inputs, kwargs)
+    layers = [m for m in out.modules() if type(m).__name__ == "XMoE"]
+    assert len(layers) == 2 and all(m.training == training for m in layers)
+    fn_model, fn_inputs, fn_kwargs = ZOO["functional_mlp"]()
+    graph = moefx.convert(fn_model.train(training), XMoEConfig(num_experts=4), fn_inputs, fn_kwargs)
+    assert all(m.training == training for m in graph.modules() if type(m).__name__ == "XMoE")

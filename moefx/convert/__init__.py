@@ -188,6 +188,9 @@ def convert(
         else:
             layers.append(slicemoe_layer_for(m, cfg, model, seed=seed))
         built[weights_key] = layers[-1]
+        # the new layer takes the model's mode: a layer left in train mode inside an eval model
+        # would compute balance losses (and train-time paths) at inference
+        layers[-1].train(model.training)
 
     entries = []
     result: nn.Module = model
