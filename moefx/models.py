@@ -243,7 +243,9 @@ def _saved_moefx_dir_reason(path: Path) -> str:
     """Why a ``moefx.save`` directory is not a MODEL, and where its dense source is."""
     source = None
     try:
-        base = json.loads((path / "recipe.json").read_text()).get("base") or {}
+        from .convert.io import RECIPE
+
+        base = json.loads((path / RECIPE).read_text()).get("base") or {}
         source = base.get("source") or {}
         source = source.get("path") or source.get("name") or source.get("factory")
     except (OSError, ValueError, AttributeError):
@@ -273,7 +275,9 @@ def load_model(spec: str) -> LoadedModel:
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return _load_gguf(ggufs[0], {"kind": "gguf", "path": str(ggufs[0].resolve())})
-            if (path / "recipe.json").is_file():
+            from .convert.io import RECIPE
+
+            if (path / RECIPE).is_file():
                 raise _not_a_model(spec, _saved_moefx_dir_reason(path))
             raise _not_a_model(spec, "the directory has no config.json (and not exactly one .gguf)")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import SliceMoEConfig, XMoEConfig
 from .calibrate import CalibrationReport, Inputs, calibrate
-from .rewrite import ConversionError, drop_unused_weights, graph_replace, plan, select, set_submodule, unique_name
+from .rewrite import (ConversionError, drop_unused_weights, graph_replace, occurrences, plan, select,
+                      set_submodule, unique_name)
 
 __all__ = ["convert", "calibrate", "ConversionError", "CalibrationReport", "Inputs"]
 
@@ -198,7 +199,7 @@ def convert(
         if gm is None:
             raise ConversionError("a block needs a graph rewrite but find_ffns kept no GraphModule")
         names = {}
-        occurrence = _occurrences(matches)
+        occurrence = occurrences(matches)
         for p, (m, cfg), layer in zip(placements, chosen, layers):
             name = names.get(id(layer)) or unique_name(gm, f"moefx_{_kind(cfg)}_{m.path or m.name}")
             names[id(layer)] = name
@@ -232,18 +233,6 @@ def convert(
     return result
 
 
-def _occurrences(matches) -> dict:
-    """``{id(match): (name, k)}``: the k-th block of that name in graph order (a block called at
-    several places has one name per call)."""
-    seen: dict = {}
-    keys = {}
-    for m in matches:
-        k = seen.get(m.name, 0)
-        seen[m.name] = k + 1
-        keys[id(m)] = (m.name, k)
-    return keys
-
-
 def _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, placements):
     """The chosen blocks found again in a capture with dynamic batch/sequence dimensions: the
     GraphModule that conversion returns must run on other shapes than the example's. Keeps the
@@ -258,7 +247,7 @@ def _dynamic_graph(model, example_inputs, example_kwargs, matches, chosen, place
     why = None
     try:
         again = find_ffns(model, example_inputs, example_kwargs, dynamic=True)
-        static_keys, again_keys = _occurrences(matches), _occurrences(again)
+        static_keys, again_keys = occurrences(matches), occurrences(again)
         by_key = {again_keys[id(m)]: m for m in again}
         keys = [static_keys.get(id(m)) for m, _ in chosen]
         if again and again[0].graph_module.meta.get("moefx_dynamic") and all(k in by_key for k in keys):

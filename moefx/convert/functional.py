@@ -3,9 +3,10 @@
 Calibration needs what the layer's forward does not offer: the output with *every* expert
 kept (the dense target of a freshly converted layer), each expert's own output (what a fitted
 router learns to predict), and a forward differentiable in the expert weights under a fixed
-selection. These functions read the parameters by the names of docs/ARCHITECTURE.md, so they
-work on any XMoE layer built to that contract, and they follow SPEC.md §1 exactly (the
-selection rule is re-implemented vectorised; tests compare it with the layer's routing).
+selection. The experts' dense masked compute is the layer's own (``XMoE.all_expert_hidden``,
+``XMoE.dense_masked_experts``, which it also trains through); the rest reads the parameters by
+the names of docs/ARCHITECTURE.md and follows SPEC.md §1 exactly (the selection rule is
+re-implemented vectorised; tests compare it with the layer's routing).
 """
 from __future__ import annotations
 
@@ -58,19 +59,9 @@ def _p(layer, name):
 
 
 def expert_hidden(layer, x2d: torch.Tensor) -> torch.Tensor:
-    """Every routed expert's hidden activations: ``[T, E, h]``."""
-    act = activation_fn(layer.activation)
-    w1, b1, w3, b3 = _p(layer, "w1"), _p(layer, "b1"), _p(layer, "w3"), _p(layer, "b3")
-    h = torch.einsum("td,ehd->teh", x2d, w1)
-    if b1 is not None:
-        h = h + b1
-    h = act(h)
-    if w3 is not None:
-        u = torch.einsum("td,ehd->teh", x2d, w3)
-        if b3 is not None:
-            u = u + b3
-        h = h * u
-    return h
+    """Every routed expert's hidden activations: ``[T, E, h]`` (the layer's own
+    :meth:`~moefx.layers.XMoE.all_expert_hidden`)."""
+    return layer.all_expert_hidden(x2d)
 
 
 def shared_hidden(layer, x2d: torch.Tensor) -> Optional[torch.Tensor]:
@@ -87,10 +78,8 @@ def shared_hidden(layer, x2d: torch.Tensor) -> Optional[torch.Tensor]:
 
 def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``combine="unit"`` output with the routed experts chosen by ``mask`` (None: all)."""
-    h = expert_hidden(layer, x2d)
-    if mask is not None:
-        h = h * mask.to(h.dtype).unsqueeze(-1)
-    y = torch.einsum("teh,edh->td", h, layer.w2)
+    gate = x2d.new_ones((x2d.shape[0], layer.config.num_experts)) if mask is None else mask
+    y = layer.dense_masked_experts(x2d, gate)
     hs = shared_hidden(layer, x2d)
     if hs is not None:
         y = y + F.linear(hs, layer.shared_w2)

@@ -147,7 +147,7 @@ def load(directory: str) -> nn.Module:
     """Rebuild a model saved by :func:`save` and load its weights (eval mode)."""
     from safetensors.torch import load_model
 
-    from .rewrite import drop_unused_weights, graph_replace, set_submodule
+    from .rewrite import drop_unused_weights, graph_replace, occurrences, set_submodule
 
     recipe_path = os.path.join(directory, RECIPE)
     weights_path = os.path.join(directory, WEIGHTS)
@@ -162,10 +162,9 @@ def load(directory: str) -> nn.Module:
     result: nn.Module = model
     if any(e["how"] == "graph" for e in entries):
         from ..passes.find_ffn import find_ffns
-        from . import _occurrences
 
         found = find_ffns(model, inputs, kwargs, dynamic=True)
-        keys = _occurrences(found)
+        keys = occurrences(found)
         matches = {keys[id(m)]: m for m in found}  # (name, k): a block called at several places
         seen: dict = {}
         used = []

@@ -165,6 +165,18 @@ def graph_replace(gm: fx.GraphModule, match, layer: nn.Module, name: str) -> Non
     gm.recompile()
 
 
+def occurrences(matches) -> dict:
+    """``{id(match): (name, k)}``: the k-th block of that name in graph order (a block called at
+    several places has one name per call)."""
+    seen: dict = {}
+    keys = {}
+    for m in matches:
+        k = seen.get(m.name, 0)
+        seen[m.name] = k + 1
+        keys[id(m)] = (m.name, k)
+    return keys
+
+
 def drop_unused_weights(gm: fx.GraphModule, fqns) -> None:
     """Delete from ``gm`` the dense weights ``fqns`` that no node reads any more (the rewritten
     blocks' own copies live in their MoE layers): a GraphModule result would otherwise carry

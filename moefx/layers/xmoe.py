@@ -143,27 +143,35 @@ class XMoE(nn.Module):
         kept = int((idx >= 0).sum())
         return kept >= self.DENSE_TRAIN_SHARE * idx.shape[0] * self.config.num_experts
 
-    def dense_masked_experts(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``moe_ffn``'s routed sum, ``Σ_j weight[n,j] · FFN_{idx[n,j]}(x[n])``, computed for every
-        expert at once: the hidden units of experts a row did not choose are multiplied by 0
-        (its weight for them), so rows only receive their chosen experts' outputs. Exact up to
-        float summation order; differentiable in x, the weights and the expert parameters."""
+    def all_expert_hidden(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Every routed expert's hidden activations for every row, ``[N, E, h]``: one GEMM over
+        all experts' stacked rows (two for GLU)."""
         E, h, d = self.w1.shape
-        n = x2d.shape[0]
-        w = torch.where(idx >= 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-        gate = x2d.new_zeros((n, E)).scatter_add(1, idx.clamp_min(0), w.to(x2d.dtype))
         hidden = activation_fn(self.activation)(
             F.linear(x2d, self.w1.reshape(E * h, d), None if self.b1 is None else self.b1.reshape(E * h)))
         if self.w3 is not None:
             hidden = hidden * F.linear(x2d, self.w3.reshape(E * h, d), None if self.b3 is None else self.b3.reshape(E * h))
-        hidden = (hidden.view(n, E, h) * gate.unsqueeze(-1)).reshape(n, E * h)
+        return hidden.view(x2d.shape[0], E, h)
+
+    def dense_masked_experts(self, x2d: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``Σ_e gate[n,e] · FFN_e(x[n])`` over every routed expert at once, ``gate [N, E]`` being
+        each row's weight per expert (0 for an expert it did not choose): with the gate of a
+        routing (:meth:`routing_gate`), ``moe_ffn``'s routed sum, exact up to float summation
+        order and differentiable in x, the gate and the expert parameters."""
+        E, h, d = self.w1.shape
+        hidden = (self.all_expert_hidden(x2d) * gate.unsqueeze(-1).to(x2d.dtype)).reshape(x2d.shape[0], E * h)
         return F.linear(hidden, self.w2.permute(1, 0, 2).reshape(d, E * h))
+
+    def routing_gate(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``[N, E]``: row n's weight for expert e (``weight[n, j]`` where ``idx[n, j] == e``, else 0)."""
+        w = torch.where(idx >= 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return x2d.new_zeros((x2d.shape[0], self.config.num_experts)).scatter_add(1, idx.clamp_min(0), w.to(x2d.dtype))
 
     def experts(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Expert compute for given routing: routed experts + shared experts + layer bias."""
         combined = self.combine_weight(idx, weight)
         if self.use_dense_training(x2d, idx, combined):
-            y = self.dense_masked_experts(x2d, idx, combined)
+            y = self.dense_masked_experts(x2d, self.routing_gate(x2d, idx, combined))
         else:
             y = torch.ops.moefx.moe_ffn(
                 x2d, idx, combined, self.w1, self.b1, self.w3, self.b3,
