@@ -1,5 +1,5 @@
 """bench/onnx.py's report: each block of single-layer rows is compared with its own dense rows,
-and the target verdict covers every expert count benchmarked."""
+and the target verdict covers every expert count and every ort variant benchmarked."""
 import importlib.util
 from pathlib import Path
 
@@ -32,8 +32,14 @@ def test_each_expert_count_is_compared_with_its_own_dense_rows(tmp_path):
     # 4.0 / 1.6 and 5.0 / 2.0: each against its own block's dense row, not the last one seen
     assert "| XMoE top-1/4 [ort] | 25% | 1x128 | 1.60 | 80000 | 2.50x |" in text
     assert "| XMoE top-2/8 [ort] | 25% | 1x128 | 2.00 | 64000 | 2.50x |" in text
-    assert "met (E=4 1x128: 2.50x, E=8 1x128: 2.50x)" in text and "NOT met" not in text
+    assert "met (E=4 top-1/4 [ort] 1x128: 2.50x, E=8 top-2/8 [ort] 1x128: 2.50x)" in text and "NOT met" not in text
     rows[3] = row(8, "XMoE top-2/8 [ort]", "ort", 3.0)  # 5.0 / 3.0 = 1.67x: one miss fails the target
     bench.write_markdown(out, rows, [], dict(date="d", machine="m", ort="1", onnx="1", load_start="0", load_end="0"))
-    assert "NOT met (E=4 1x128: 2.50x, E=8 1x128: 1.67x)" in out.read_text()
+    assert "NOT met (E=4 top-1/4 [ort] 1x128: 2.50x, E=8 top-2/8 [ort] 1x128: 1.67x)" in out.read_text()
+    # threshold rows of the ort form count too; portable rows never do
+    rows[3] = row(8, "XMoE top-2/8 [ort]", "ort", 2.0)
+    rows += [row(8, "XMoE threshold t=0.7 [ort]", "ort", 2.6), row(8, "XMoE threshold t=0.7 [portable]", "portable", 9.0)]
+    bench.write_markdown(out, rows, [], dict(date="d", machine="m", ort="1", onnx="1", load_start="0", load_end="0"))
+    text = out.read_text()
+    assert "NOT met (" in text and "E=8 threshold t=0.7 [ort] 1x128: 1.92x" in text and "[portable] 1x128" not in text
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, renamed
