@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slicemoe-steps", type=int, default=30)
     ap.add_argument("--slicemoe-batch", type=int, default=256)
     ap.add_argument("--no-xmoe", action="store_true", help="skip the XMoE rows")
-    ap.add_argument("--budgets", default="uniform", choices=["uniform", "relative", "absolute", "inverse"],
+    ap.add_argument("--budgets", default="uniform", choices=["uniform", "model", "relative", "absolute", "inverse"],
                     help="per-layer activation budgets (calibrate(budgets=...))")
     ap.add_argument("--budget-spread", type=float, default=None, help="max per-layer deviation from the target")
     ap.add_argument("--layer-ratios", type=float, nargs="*", default=None,

@@ -126,7 +126,7 @@ def test_allocate_budgets_meets_the_mean_and_favours_the_sensitive_layer():
     assert all(abs(r - 0.75) <= 0.1 for r in bounded.values())
 
 
-@pytest.mark.parametrize("mode", ["relative", "absolute", "inverse"])
+@pytest.mark.parametrize("mode", ["model", "relative", "absolute", "inverse"])
 def test_sensitivity_budgets_hit_the_mean_target_not_each_layer(mode):
     cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
     model, _ = converted(cfg)
@@ -361,3 +361,58 @@ def test_half_precision_model_calibrates_in_float32_and_comes_back_in_its_dtypes
     half, full = reports[dtype], reports[torch.float32]
     assert half.mean("rel_err_after") == pytest.approx(full.mean("rel_err_after"), rel=0.05)
     assert half.mean("ratio_after") == pytest.approx(full.mean("ratio_after"), abs=0.02)
+
+
+def test_model_budgets_measure_each_layer_in_the_model_and_favour_the_one_that_matters():
+    """budgets="model": a layer whose output the model barely uses (its down projection
+    scaled by 1e-3) costs next to nothing end to end at any ratio, so the other layer gets the
+    budget; each curve falls with the ratio, and the routers come back as they were."""
+    from moefx.convert.calibrate import Inputs, dense_mode, model_curves, run_batch
+
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    layers = moe_layers(model)
+    names = list(layers)
+    assert len(names) >= 2
+    quiet, loud = names[-1], names[0]
+    with torch.no_grad():
+        layers[quiet].w2.mul_(1e-3)
+        if getattr(layers[quiet], "shared_w2", None) is not None:
+            layers[quiet].shared_w2.mul_(1e-3)
+        for layer in layers.values():
+            layer.router.weight.normal_()
+    seen = {n: [] for n in names}
+    hooks = [layers[n].register_forward_pre_hook((lambda nm: lambda m, a: seen[nm].append(a[0].reshape(-1, a[0].shape[-1])))(n))
+             for n in names]
+    with torch.no_grad(), dense_mode(layers):
+        for b in batches():
+            run_batch(model, Inputs.of(b))
+    for h in hooks:
+        h.remove()
+    before = {n: layers[n].router.weight.detach().clone() for n in names}
+    curves = model_curves(model, layers, [Inputs.of(b) for b in batches(2, seed=5)], {n: torch.cat(seen[n]) for n in names},
+                          target=0.6, spread=0.2)
+    for n in names:
+        assert torch.equal(layers[n].router.weight, before[n])
+        rs, costs = curves[n]
+        assert rs == sorted(rs) and rs[0] < 0.55 and rs[-1] > 0.65
+        assert all(a >= b for a, b in zip(costs, costs[1:]))
+    assert curves[loud][1][0] > curves[loud][1][-1]  # more experts, less loss
+    assert max(curves[quiet][1]) < 1e-3 * min(curves[loud][1])
+    from moefx.convert.calibrate import allocate_budgets
+    alloc = allocate_budgets(curves, 0.6)
+    assert alloc[loud] > alloc[quiet] and abs(sum(alloc.values()) / len(alloc) - 0.6) < 1e-6
+
+
+def test_probe_rows_spread_over_all_batches():
+    """The probe of budgets="model" takes whole rows from across the calibration batches, not the
+    first ones (the start of a text can be unlike the rest of it)."""
+    from moefx.convert.calibrate import probe_rows
+
+    data = [torch.full((4, 8), i) for i in range(6)]  # batch i holds token id i; 4 rows of 8 tokens each
+    rows = probe_rows(data, max_tokens=32)
+    assert len(rows) == 4 and all(r.tensors()[0].shape == (1, 8) for r in rows)
+    assert [int(r.tensors()[0][0, 0]) for r in rows] == [0, 2, 3, 5]  # rows 0, 8, 15, 23 of 24: first, last, evenly between
+    assert len(probe_rows(data, max_tokens=10_000)) == 24
+    kw = [{"input_ids": torch.full((2, 8), i)} for i in range(3)]
+    assert [int(r.kwargs["input_ids"][0, 0]) for r in probe_rows(kw, max_tokens=24)] == [0, 1, 2]

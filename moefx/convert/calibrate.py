@@ -538,7 +538,7 @@ DISTILL_RESERVE_S = 10.0
 """Seconds of ``budget_seconds`` kept back for what follows the last distillation step (the
 held-out scoring, putting the model back)."""
 
-BUDGET_MODES = ("uniform", "relative", "absolute", "inverse")
+BUDGET_MODES = ("uniform", "model", "relative", "absolute", "inverse")
 BUDGET_GRID = tuple(round(0.05 * i, 2) for i in range(2, 21))
 
 
@@ -582,6 +582,113 @@ def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID
     for i in range(len(errs) - 2, -1, -1):  # more compute never hurts: monotone envelope
         errs[i] = max(errs[i], errs[i + 1])
     return rs, errs
+
+
+PROBE_TOKENS = 1024
+"""Calibration tokens ``budgets="model"``'s probes run the model on (:func:`model_curves`),
+taken as whole rows spread evenly over the calibration batches (:func:`probe_rows`)."""
+PROBE_SCALE_TOKENS = 2048
+"""Recorded inputs per layer (evenly spaced) that the probes' router scales are set on."""
+MODEL_SPREAD = 0.15
+"""``budgets="model"``: each layer's ratio stays within the mean target +- this unless told."""
+
+
+def probe_rows(batches: List, max_tokens: int = PROBE_TOKENS) -> List["Inputs"]:
+    """About ``max_tokens`` tokens of ``batches`` as single rows spread evenly over all of them.
+    Why spread: the first 512 tokens of SmolLM2's calibration text (one module's docstrings)
+    put every layer's cost 1.5-3.5x lower than 1024 tokens drawn from across the text did,
+    unevenly, and the budgets drawn from them were worse (bench/results-quality.md)."""
+    rows = [p for b in batches for p in _pieces(b, 1)]
+    if not rows:
+        return []
+    t = rows[0].tensors()
+    per_row = 1
+    if t:
+        shape = t[0].shape[1:-1] if t[0].is_floating_point() else t[0].shape[1:]
+        per_row = max(1, int(math.prod(shape)))
+    n = min(len(rows), max(1, math.ceil(max_tokens / per_row)))
+    return [rows[round(i * (len(rows) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else rows[:1]
+
+
+def probe_loss(out, ref) -> float:
+    """How far a model output is from the dense model's on the same inputs, summed over its
+    tokens: the KL divergence ``KL(dense || model)`` for logits (``ref``: the dense
+    log-probabilities), the squared error for a plain tensor (``ref``: the dense output)."""
+    t, is_logits = output_tensor(out)
+    t = t.float()
+    if is_logits:
+        lp = torch.log_softmax(t.reshape(-1, t.shape[-1]), -1)
+        return float((ref.exp() * (ref - lp)).sum())
+    return float((t - ref).pow(2).sum())
+
+
+def _reference(out):
+    t, is_logits = output_tensor(out)
+    t = t.float()
+    if is_logits:  # float32: the KL of a well-fitted layer (1e-3 per token) is below float16's rounding of log p
+        return torch.log_softmax(t.reshape(-1, t.shape[-1]), -1), math.prod(t.shape[:-1]), True
+    return t, float(t.pow(2).sum().clamp(min=1e-12)), False
+
+
+def model_curves(model: nn.Module, layers: Dict[str, nn.Module], probe: List, inputs: Dict[str, torch.Tensor],
+                 target: float, spread: float, progress: bool = False) -> Dict[str, tuple]:
+    """Each threshold-routed XMoE layer's cost curve in the model's own output, for ``budgets="model"``.
+
+    For every layer alone (all the others computing their dense FFN), its router is rescaled to
+    activation ratios ``target - spread`` and ``target + spread`` and the model is run on the
+    ``probe`` inputs (a list, e.g. :func:`probe_rows`): the cost is the mean KL divergence per
+    token from the all-dense output (:func:`probe_loss`; for a plain tensor output, its relative
+    squared error). Between and at the two points the curve is log-linear (on SmolLM2, measured
+    at five ratios from 0.55 to 0.95, log KL falls close to linearly in the ratio, with slopes
+    from -5 to -9 per unit of ratio), sampled every 0.05 for :func:`allocate_budgets`:
+    ``{name: (ratios, costs)}``. ``inputs`` holds each layer's recorded calibration inputs, on
+    which the probes' scales are set (so the ratios are those the layer keeps on calibration
+    text); the router weights are left as they were.
+
+    Why not a per-layer error: SmolLM2's first eight FFNs cost the most KL at a given ratio
+    (layer 0 at 0.75: 0.042; layers 12-22: 0.004-0.006) although their relative output errors
+    are among the smallest, and the end-to-end cost follows neither the relative error nor its
+    first-order (Fisher) estimate (bench/results-quality.md, tenth session)."""
+    from tqdm.auto import tqdm
+
+    with torch.no_grad(), dense_mode(layers):
+        refs = [_reference(run_batch(model, p)) for p in probe]
+    total = sum(r[1] for r in refs)
+
+    def cost() -> float:
+        return sum(probe_loss(run_batch(model, p), ref) for p, (ref, _, _) in zip(probe, refs)) / total
+
+    curves = {}
+    with torch.no_grad():
+        for name in tqdm(list(inputs), desc="measuring each layer's cost in the model", disable=not progress):
+            layer = layers[name]
+            cfg = layer.config
+            E, S = cfg.num_experts, cfg.num_shared
+            weight = layer.router.weight.detach().clone()
+            logits = F.linear(inputs[name].float(), weight.float())
+            points = []
+            others = {n: l for n, l in layers.items() if n != name}
+            try:
+                for r in (max(target - spread, 0.0), min(target + spread, 1.0)):
+                    scale = scale_for(logits, cfg, max(routed_share(r, E, S), 0.0))
+                    got = activation_ratio(select_mask(torch.softmax(logits * scale, -1), cfg.threshold,
+                                                       cfg.top_k, cfg.max_experts), S)
+                    layer.router.weight.copy_(weight * scale)
+                    with dense_mode(others):
+                        points.append((got, max(cost(), 1e-12)))
+            finally:
+                layer.router.weight.copy_(weight)
+            (r0, c0), (r1, c1) = points
+            if r1 - r0 < 0.025:  # the two probes kept the same share: nothing to trade
+                curves[name] = ([r0], [c0])
+                continue
+            n = max(1, round((r1 - r0) / 0.05))
+            rs = [r0 + (r1 - r0) * i / n for i in range(n + 1)]
+            costs = [math.exp(math.log(c0) + (math.log(c1) - math.log(c0)) * (r - r0) / (r1 - r0)) for r in rs]
+            for i in range(len(costs) - 2, -1, -1):  # more compute never hurts: monotone envelope
+                costs[i] = max(costs[i], costs[i + 1])
+            curves[name] = (rs, costs)
+    return curves
 
 
 FISHER_TOKENS = 2048
@@ -856,7 +963,13 @@ def calibrate(
     expert weights alone. ``steps``: Adam steps per layer after the closed-form refit (XMoE,
     default 0) or in all (SliceMoE, default 200), on ``batch`` random calibration tokens
     each. ``budgets``: ``"uniform"`` (default) gives every XMoE layer ``target_ratio``;
-    ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
+    ``"model"`` spends the mean ``target_ratio`` where the model's output loses most: each
+    layer alone is routed at ``target_ratio +- budget_spread`` (0.15 unless given) with every
+    other layer dense, the KL divergence from the dense model's output is measured on
+    :data:`PROBE_TOKENS` calibration tokens (two forwards per layer, :func:`model_curves`), and
+    :func:`allocate_budgets` trades on those curves. On SmolLM2 (256 + 64 experts, 75%) it gives
+    the first eight layers about 0.9 and the middle ones 0.6-0.65 (bench/results-quality.md,
+    tenth session). ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
     loses more (:func:`allocate_budgets` on each layer's error curve, measured after its router
     fit, as relative squared error or in output units), each layer within ``target_ratio +-
     budget_spread`` if given. ``"inverse"`` mirrors the ``"relative"`` allocation (spread 0.1
@@ -983,30 +1096,41 @@ def calibrate(
             ratios = {n: target_ratio for n in names}
         prefitted = set()
         if budgets != "uniform" and target_ratio is not None:
-            curves = {}
-            for name in tqdm(names, desc="measuring layer sensitivity", disable=not progress):
+            curves, probe_inputs = {}, {}
+            desc = "fitting routers" if budgets == "model" else "measuring layer sensitivity"
+            for name in tqdm(names, desc=desc, disable=not progress):
                 layer = layers[name]
                 if not is_xmoe(layer) or layer.config.top_k is not None or layer.config.threshold in (0, 1):
                     continue
                 x = store.take(name)
                 if x.shape[0] == 0:
                     raise ValueError(f"no calibration tokens reached layer '{name}'")
-                xc = spaced(x, CURVE_TOKENS)  # the curve's tokens: the dense output of these only
-                with torch.no_grad():
-                    target = dense_forward(layer, xc).float()
                 if name in fitted:
                     with torch.no_grad():
                         norms = chunked(partial(expert_output_norms, metric=metrics.get(name)), layer, x)
                     _fit(layer, x, norms, router_steps)
                     prefitted.add(name)
-                rs, errs = error_curve(layer, xc, target)
-                if budgets == "absolute":
-                    energy = float(target.pow(2).sum(-1).mean())
-                    errs = [e * energy for e in errs]
-                curves[name] = (rs, errs)
+                if budgets == "model":  # the curves come from the model below, on these inputs' scales
+                    probe_inputs[name] = spaced(x, PROBE_SCALE_TOKENS).clone()
+                else:
+                    xc = spaced(x, CURVE_TOKENS)  # the curve's tokens: the dense output of these only
+                    with torch.no_grad():
+                        target = dense_forward(layer, xc).float()
+                    rs, errs = error_curve(layer, xc, target)
+                    if budgets == "absolute":
+                        energy = float(target.pow(2).sum(-1).mean())
+                        errs = [e * energy for e in errs]
+                    curves[name] = (rs, errs)
+                    del xc, target
                 store.put(name, x)
-                del x, xc, target
-            if budgets == "inverse":
+                del x
+            if budgets == "model":
+                spread = MODEL_SPREAD if budget_spread is None else budget_spread
+                curves = model_curves(model, layers, probe_rows(batches), probe_inputs, target_ratio, spread,
+                                      progress=progress)
+                del probe_inputs
+                ratios.update(allocate_budgets(curves, target_ratio))
+            elif budgets == "inverse":
                 spread = 0.1 if budget_spread is None else budget_spread
                 alloc = allocate_budgets(curves, target_ratio, spread)
                 ratios.update({n: min(1.0, max(0.0, 2 * target_ratio - r)) for n, r in alloc.items()})

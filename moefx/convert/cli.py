@@ -61,9 +61,10 @@ def register(subparsers) -> None:
                    help="XMoE: rescale routers so this fraction of expert groups is active (needs calibration)")
     p.add_argument("--budgets", choices=BUDGET_MODES, default="uniform",
                    help="XMoE per-layer activation budgets around --target-ratio: uniform (default: every "
-                   "layer at the ratio) or inverse (first and last layers get more; SmolLM2 at 75%%: 1.49x "
-                   "dense perplexity against 1.55x uniform, and every quality figure of bench/RESULTS.md "
-                   "uses it); relative/absolute spend more where routing loses more")
+                   "layer at the ratio); model (each layer's cost measured in the model's output, two extra "
+                   "forwards per layer, and the budget goes where it buys most); inverse (first and last "
+                   "layers get more); relative/absolute (more where a layer's own output loses more). "
+                   "bench/RESULTS.md compares them on SmolLM2")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop distillation when calibration has run this long (the layer-wise fit always "
                    "completes); e.g. 600 for the ten minutes of bench/RESULTS.md")
