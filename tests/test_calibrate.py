@@ -416,3 +416,20 @@ def test_probe_rows_spread_over_all_batches():
     assert len(probe_rows(data, max_tokens=10_000)) == 24
     kw = [{"input_ids": torch.full((2, 8), i)} for i in range(3)]
     assert [int(r.kwargs["input_ids"][0, 0]) for r in probe_rows(kw, max_tokens=24)] == [0, 1, 2]
+
+
+def test_model_budgets_fit_routers_without_the_probe_batch_then_on_every_token(monkeypatch):
+    """budgets="model" probes the last calibration batch with routers fit without it (a router
+    looks better on its own fitting tokens), then refits every router on all the tokens."""
+    import importlib
+
+    cal = importlib.import_module("moefx.convert.calibrate")
+    seen = []
+    real = cal._fit
+    monkeypatch.setattr(cal, "_fit", lambda layer, x, norms, steps: (seen.append(x.shape[0]), real(layer, x, norms, steps))[1])
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    n_layers = len(moe_layers(model))
+    moefx.calibrate(model, batches(4), target_ratio=0.6, verbose=False, progress=False, budgets="model")
+    total, held = 4 * 2 * 16, 2 * 16  # 4 batches of 2 x 16 tokens; the last one is the probe
+    assert seen == [total - held] * n_layers + [total] * n_layers
