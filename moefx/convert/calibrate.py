@@ -976,8 +976,8 @@ def calibrate(
     :func:`model_curves`), and
     :func:`allocate_budgets` trades on those curves. On SmolLM2 (256 + 64 experts, 75%) it gave
     the first layers 0.80-0.90 and layers 14-28 0.65-0.75, and 1.14x dense perplexity against
-    1.17x for ``"inverse"``, though its ~1.5 minutes left distillation 71 steps instead of 92
-    (bench/results-quality.md, tenth session). ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
+    1.17x for ``"inverse"``, though its ~1.5 minutes left distillation 71 steps instead of 92;
+    at 50% it gained nothing (1.49x against 1.44-1.48x; bench/results-quality.md, tenth session). ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
     loses more (:func:`allocate_budgets` on each layer's error curve, measured after its router
     fit, as relative squared error or in output units), each layer within ``target_ratio +-
     budget_spread`` if given. ``"inverse"`` mirrors the ``"relative"`` allocation (spread 0.1
