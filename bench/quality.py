@@ -52,6 +52,8 @@ def main(argv=None) -> int:
                     help="what distillation trains: expert weights, or every block parameter outside the embeddings")
     ap.add_argument("--distill-seconds", type=float, default=None)
     ap.add_argument("--distill-schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--distill-labels", type=float, default=0.0,
+                    help="weight of the calibration text's own next tokens in the distillation target (0: teacher only)")
     ap.add_argument("--budget-seconds", type=float, default=590,
                     help="whole-calibration wall-clock budget (issue: at most 10 minutes); distillation stops "
                          "early to stay inside it")
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     dense_ppl = data.perplexity(dense, ev, progress=True, desc="dense perplexity")
     print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    first = data.perplexity(dense, ev[:1]) if len(ev) > 1 else None  # the first batch: the default text
+    if first is not None:
+        print(f"dense perplexity on the first {ev[0].numel()} evaluation tokens {first:.3f}", flush=True)
     matches = moefx.find_ffns(dense, loaded.example_inputs, loaded.example_kwargs)
     rows = []
     runs = [("xmoe", r) for r in ([] if args.no_xmoe else args.ratios)] + ([("slicemoe", None)] if args.slicemoe else [])
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
                               steps=args.steps if kind == "xmoe" else args.slicemoe_steps,
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
                               distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr, distill_train=args.distill_train,
-                              distill_schedule=args.distill_schedule,
+                              distill_schedule=args.distill_schedule, distill_labels=args.distill_labels,
                               distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds,
                               router_target=args.router_target)
         t2 = time.perf_counter()
@@ -120,6 +125,9 @@ def main(argv=None) -> int:
             ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
         act = rep.mean("ratio_after")
         act_eval = in_model_activation(model, stats)
+        if first is not None:
+            part = data.perplexity(model, ev[:1])
+            print(f"on the first {ev[0].numel()} evaluation tokens: {part:.3f} ({part / first:.3f}x dense)", flush=True)
         with moefx.metrics.collect(model) as cal_stats, torch.no_grad():
             for b in cal[:1]:
                 model(b)
@@ -132,6 +140,8 @@ def main(argv=None) -> int:
         if rep.distill is not None and rep.distill.steps:
             print(rep.distill.line(), flush=True)
             label += f", distilled {rep.distill.steps} steps x 512 tokens (lr {args.distill_lr:g}, {args.distill_schedule})"
+            if args.distill_labels:
+                label += f", text labels {args.distill_labels:g}"
         rows.append((label, ratio, act, act_eval, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} (evaluation text, in the model: {act_eval:.3f}) ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

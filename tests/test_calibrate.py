@@ -433,3 +433,16 @@ def test_model_budgets_fit_routers_without_the_probe_batch_then_on_every_token(m
     moefx.calibrate(model, batches(4), target_ratio=0.6, verbose=False, progress=False, budgets="model")
     total, held = 4 * 2 * 16, 2 * 16  # 4 batches of 2 x 16 tokens; the last one is the probe
     assert seen == [total - held] * n_layers + [total] * n_layers
+
+
+def test_threshold_for_lifts_t_only_where_it_cannot_keep_the_share():
+    from moefx.convert.functional import THRESHOLD_HEADROOM, threshold_for
+
+    cfg = XMoEConfig(num_experts=16, threshold=0.9)
+    assert threshold_for(cfg, 0.5) == 0.9
+    assert threshold_for(cfg, 0.9 - THRESHOLD_HEADROOM) == 0.9
+    assert abs(threshold_for(cfg, 0.94) - 0.97) < 1e-12  # halfway to 1
+    assert threshold_for(cfg, 1.0) == 0.99
+    assert threshold_for(XMoEConfig(num_experts=16, threshold=None, top_k=4), 0.95) is None
+    assert threshold_for(XMoEConfig(num_experts=16, threshold=1.0), 0.95) == 1.0
+

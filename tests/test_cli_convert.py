@@ -84,11 +84,16 @@ def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, mon
     conv = sys.modules["moefx.convert"]  # the package (moefx.convert the attribute is the function)
     seen = []
     real = conv.calibrate
-    monkeypatch.setattr(conv, "calibrate", lambda *a, **kw: seen.append(kw.get("distill_train")) or real(*a, **kw))
+    monkeypatch.setattr(conv, "calibrate", lambda *a, **kw: seen.append((kw.get("distill_train"), kw.get("distill_labels")))
+                        or real(*a, **kw))
     out = tmp_path / "out"
     assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
-                 "--distill-steps", "2", "--distill-train", "blocks", "--out", str(out)]) == 0
-    assert seen == ["blocks"] and "distillation: 2 steps on" in capsys.readouterr().out
+                 "--distill-steps", "2", "--distill-train", "blocks", "--distill-labels", "0.2", "--out", str(out)]) == 0
+    assert seen == [("blocks", 0.2)] and "distillation: 2 steps on" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["convert", tiny_config, "--to", "xmoe", "--distill-labels", "1.5", "--out", str(tmp_path / "o3")])
+    assert "'1.5' is not a weight in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-train", "embeddings", "--out", str(tmp_path / "o2")])
     assert "invalid choice: 'embeddings'" in capsys.readouterr().err

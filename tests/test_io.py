@@ -102,3 +102,21 @@ def test_crash_mid_save_leaves_nothing_loadable(tmp_path, monkeypatch):
 def test_save_refuses_an_unconverted_model(tmp_path):
     with pytest.raises(ValueError, match="carries no moefx recipe"):
         moefx.save(torch.nn.Linear(2, 2), str(tmp_path / "x"))
+
+
+def test_a_threshold_lifted_by_calibration_is_what_load_rebuilds(tmp_path):
+    """A budget above what t can keep lifts that layer's threshold (calibrate); save writes the
+    layer's own config, so the loaded model routes exactly as the saved one."""
+    model, inputs, kwargs = ZOO["llama"]()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(3)]
+    out = moefx.convert(model, XMoEConfig(num_experts=16, threshold=0.9), inputs, kwargs, calibration_batches=batches[:2])
+    rep = moefx.calibrate(out, batches, target_ratio=0.97, verbose=False, progress=False)
+    from moefx.convert.calibrate import moe_layers
+
+    lifted = [l.config.threshold for l in moe_layers(out).values()]
+    assert all(t > 0.97 for t in lifted), lifted
+    assert all(r.ratio_after > 0.95 for r in rep.layers), [r.ratio_after for r in rep.layers]
+    back = moefx.load(moefx.save(out, str(tmp_path / "t")))
+    assert [l.config.threshold for l in moe_layers(back).values()] == lifted
+    assert torch.equal(run(back, inputs, kwargs), run(out, inputs, kwargs))

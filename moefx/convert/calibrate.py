@@ -44,7 +44,8 @@ from torch import nn
 
 from ..data import output_tensor
 from .functional import (SCALE_TOKENS, activation_ratio, expert_hidden, expert_output_norms, layer_mask,
-                         masked_forward, routed_share, select_mask, shared_hidden, spaced)
+                         masked_forward, routed_share, select_mask, shared_hidden, spaced,
+                         with_threshold)
 from .rewrite import set_mode
 from .router import calibrate_scale, fit_router, scale_for
 
@@ -456,7 +457,9 @@ def calibrate_layer(
             _fit(layer, xr, norms, router_steps)
             del xr
         if target_ratio is not None:
-            calibrate_scale(layer, x2d, routed_share(target_ratio, cfg.num_experts, cfg.num_shared))
+            routed = routed_share(target_ratio, cfg.num_experts, cfg.num_shared)
+            layer.config = with_threshold(cfg, routed)  # a budget above what t can keep lifts t
+            calibrate_scale(layer, x2d, routed)
         if fit_experts:
             with torch.no_grad():
                 mask = chunked(layer_mask, layer, x2d)
@@ -574,8 +577,9 @@ def error_curve(layer, x2d: torch.Tensor, target: torch.Tensor, grid=BUDGET_GRID
             routed = routed_share(r, E, S)
             if routed < 1.0 / E - 1e-9:
                 continue
-            scale = scale_for(logits, cfg, routed)
-            mask = select_mask(torch.softmax(logits * scale, -1), cfg.threshold, cfg.top_k, cfg.max_experts)
+            c = with_threshold(cfg, routed)
+            scale = scale_for(logits, c, routed)
+            mask = select_mask(torch.softmax(logits * scale, -1), c.threshold, c.top_k, c.max_experts)
             y = base_y + torch.einsum("teh,edh->td", h * mask.unsqueeze(-1).to(h.dtype), layer.w2)
             got = activation_ratio(mask, S)
             points[round(got, 4)] = float((y - target).pow(2).sum()) / denom
@@ -594,7 +598,12 @@ and left distillation 71 steps instead of 50 (1.14x against 1.15x dense perplexi
 PROBE_SCALE_TOKENS = 2048
 """Recorded inputs per layer (evenly spaced) that the probes' router scales are set on."""
 MODEL_SPREAD = 0.15
-"""``budgets="model"``: each layer's ratio stays within the mean target +- this unless told."""
+"""``budgets="model"``: each layer's ratio stays within the mean target +- this unless told
+(and at most :data:`MODEL_CAP`). 0.2 did no better on SmolLM2 at 75% (1.12x and 1.15x in two
+runs, against 1.14x; bench/results-quality.md, eleventh session)."""
+MODEL_CAP = 0.95
+"""``budgets="model"``: the most any one layer gets (its threshold is lifted to reach it,
+:func:`moefx.convert.functional.threshold_for`); 1.0 would leave a layer dense."""
 
 
 def probe_rows(batches: List, max_tokens: Optional[int] = None) -> List["Inputs"]:
@@ -674,15 +683,18 @@ def model_curves(model: nn.Module, layers: Dict[str, nn.Module], probe: List, in
             points = []
             others = {n: l for n, l in layers.items() if n != name}
             try:
-                for r in (max(target - spread, 0.0), min(target + spread, 1.0)):
-                    scale = scale_for(logits, cfg, max(routed_share(r, E, S), 0.0))
-                    got = activation_ratio(select_mask(torch.softmax(logits * scale, -1), cfg.threshold,
-                                                       cfg.top_k, cfg.max_experts), S)
+                for r in (max(target - spread, 0.0), min(target + spread, MODEL_CAP)):
+                    routed = max(routed_share(r, E, S), 0.0)
+                    c = layer.config = with_threshold(cfg, routed)
+                    scale = scale_for(logits, c, routed)
+                    got = activation_ratio(select_mask(torch.softmax(logits * scale, -1), c.threshold,
+                                                       c.top_k, c.max_experts), S)
                     layer.router.weight.copy_(weight * scale)
                     with dense_mode(others):
                         points.append((got, max(cost(), 1e-12)))
             finally:
                 layer.router.weight.copy_(weight)
+                layer.config = cfg
             (r0, c0), (r1, c1) = points
             if r1 - r0 < 0.025:  # the two probes kept the same share: nothing to trade
                 curves[name] = ([r0], [c0])
@@ -949,6 +961,7 @@ def calibrate(
     budget_seconds: Optional[float] = None,
     distill_train: str = "experts",
     distill_schedule: str = "constant",
+    distill_labels: float = 0.0,
     rescale: bool = True,
     router_target: str = "fisher",
 ) -> CalibrationReport:
@@ -976,7 +989,8 @@ def calibrate(
     :func:`model_curves`), and
     :func:`allocate_budgets` trades on those curves. On SmolLM2 (256 + 64 experts, 75%) it gave
     the first layers 0.80-0.90 and layers 14-28 0.65-0.75, and 1.14x dense perplexity against
-    1.17x for ``"inverse"``, though its ~1.5 minutes left distillation 71 steps instead of 92;
+    1.17x for ``"inverse"`` (1.12-1.15x over three more runs, 1.10-1.11x on a 8192-token
+    text), though its ~1.5 minutes left distillation 71 steps instead of 92;
     at 50% it gained nothing (1.49x against 1.44-1.48x; bench/results-quality.md, tenth session). ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
     loses more (:func:`allocate_budgets` on each layer's error curve, measured after its router
     fit, as relative squared error or in output units), each layer within ``target_ratio +-
@@ -1000,7 +1014,13 @@ def calibrate(
     back in, skipping any batch equal to a calibration batch (:func:`batch_key`), and only as
     many as the remaining time can train on beyond the calibration examples (a quarter of that
     time goes to recording). ``distill_schedule``: ``"constant"`` (default) or ``"cosine"`` (warm-up, then
-    decay to a tenth by the end: :func:`moefx.convert.distill.lr_factor`).
+    decay to a tenth by the end: :func:`moefx.convert.distill.lr_factor`). ``distill_labels``
+    (default 0): the weight of the text's own next tokens in the distillation target
+    (:func:`moefx.convert.distill.distill_loss`). It adapts the model to the calibration text's
+    domain rather than keeping it close to the dense model: on SmolLM2 at 75%, 0.3 gave 1.03x
+    the dense model's perplexity on held-out docstrings, but the dense model fine-tuned the same
+    way reached 13.28 (0.85x), so the converted model is 1.21x that; without labels it stays
+    at 1.14x of the dense model it replaces (bench/results-quality.md, eleventh session).
     Finer experts route better: SmolLM2 with 256 + 64 experts of 5 neurons reached 1.24x at
     75% against 1.35x for 64 + 16 in the same session (bench/results-quality.md). On SmolLM2 (64 + 16 experts, inverse budgets), 96 steps on 49k
     tokens took dense perplexity x1.49 -> x1.33 at 75% activation and x2.60 -> x1.92 at 50%,
@@ -1052,6 +1072,9 @@ def calibrate(
     set_mode(model, False)
     report = CalibrationReport()
     examples = []
+    if not 0.0 <= distill_labels < 1.0:
+        raise ValueError(f"calibrate(distill_labels={distill_labels}): the weight of the text's next tokens "
+                         f"must be in [0, 1)")
     if distill_steps < 0:
         raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
     batches = list(batches)
@@ -1201,7 +1224,7 @@ def calibrate(
                     seconds -= time.perf_counter() - t_rec
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
                                      seconds=seconds, progress=progress, train=distill_train,
-                                     schedule=distill_schedule)
+                                     schedule=distill_schedule, labels=distill_labels)
         if rescale and target_ratio is not None:
             kept = rescale_in_model(model, layers, ratios, batches)
             for rep in report.layers:

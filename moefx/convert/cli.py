@@ -81,7 +81,21 @@ def register(subparsers) -> None:
     p.add_argument("--distill-train", choices=["experts", "blocks"], default="experts",
                    help="what distillation trains: the converted layers' experts (default), or also every other "
                         "block parameter (attention, norms; not the embeddings or the output head)")
+    p.add_argument("--distill-labels", type=_label_weight, default=0.0, metavar="WEIGHT",
+                   help="weight in [0, 1) of the calibration text's own next tokens in the distillation "
+                        "target (default 0: the dense model's outputs only). Above 0 the model also adapts "
+                        "to the text's domain, and drifts from the dense model (bench/RESULTS.md)")
     p.set_defaults(func=run)
+
+
+def _label_weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight in [0, 1) (0: the dense model's outputs only)")
+    return value
 
 
 def _configs(args):
@@ -248,7 +262,7 @@ def run(args) -> int:
             kw["steps"] = args.steps
         if args.distill_steps:
             kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_train=args.distill_train,
-                      distill_schedule=args.distill_schedule,
+                      distill_schedule=args.distill_schedule, distill_labels=args.distill_labels,
                       distill_batches=calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps,
                                                               seed=1, batch_size=2))
         report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)

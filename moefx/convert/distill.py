@@ -102,9 +102,9 @@ def teacher_target(output, topk: int) -> Target:
     except TypeError as err:
         raise TypeError(f"distillation needs a model output with .logits or a tensor: {err}; "
                         f"pass distill_steps=0 to calibrate without it") from None
-    if is_logits and t.shape[-1] > topk:
+    if is_logits:  # a vocabulary of at most topk words is kept whole
         lp = torch.log_softmax(t.float(), dim=-1)
-        values, index = lp.topk(topk, dim=-1)
+        values, index = lp.topk(min(topk, t.shape[-1]), dim=-1)
         return Target(values=values, index=index.to(torch.int32))
     return Target(dense=t.detach().float().clone())
 
@@ -121,10 +121,28 @@ def sparse_kl(logits: torch.Tensor, target: Target) -> torch.Tensor:
     return kl.mean()
 
 
-def distill_loss(output, target: Target) -> torch.Tensor:
+def token_ids(inputs, logits: torch.Tensor) -> torch.Tensor:
+    """The token ids of a causal LM's batch: its first integer tensor input shaped like the
+    logits without their vocabulary dimension (``input_ids``)."""
+    for t in inputs.tensors():
+        if not t.dtype.is_floating_point and tuple(t.shape) == tuple(logits.shape[:-1]):
+            return t
+    raise ValueError(f"distill(labels=...) needs the batch's token ids: no integer input of shape "
+                     f"{tuple(logits.shape[:-1])} among the model inputs; pass labels=0")
+
+
+def distill_loss(output, target: Target, inputs=None, labels: float = 0.0) -> torch.Tensor:
+    """The distillation loss of one batch. With ``labels`` > 0 (logit outputs only) the target
+    distribution is ``(1 - labels) * teacher + labels * next token of the text``: the student
+    also learns the calibration text itself, a causal LM's own training loss."""
     t, _ = output_tensor(output)
     if target.dense is None:
-        return sparse_kl(t, target)
+        kl = sparse_kl(t, target)
+        if labels <= 0:
+            return kl
+        ids = token_ids(inputs, t)
+        ce = torch.nn.functional.cross_entropy(t[..., :-1, :].float().flatten(0, -2), ids[..., 1:].flatten().long())
+        return (1.0 - labels) * kl + labels * ce
     ref = target.dense
     return (t.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
 
@@ -159,6 +177,7 @@ def distill(
     seed: int = 0,
     train: str = "experts",
     schedule: str = "constant",
+    labels: float = 0.0,
 ) -> DistillReport:
     """Train the converted layers of ``model`` on ``examples`` (``(inputs, Target)`` pairs,
     inputs as :func:`moefx.convert.calibrate.run_batch` takes them), one example per Adam step,
@@ -181,6 +200,8 @@ def distill(
         raise ValueError("distill found no converted MoE layer in the model: run moefx.convert(...) first")
     if train not in DISTILL_TRAIN:
         raise ValueError(f"distill(train={train!r}): use one of {', '.join(DISTILL_TRAIN)}")
+    if not 0.0 <= labels < 1.0:
+        raise ValueError(f"distill(labels={labels}): the weight of the text's next tokens must be in [0, 1)")
     if schedule not in DISTILL_SCHEDULES:
         raise ValueError(f"distill(schedule={schedule!r}): use one of {', '.join(DISTILL_SCHEDULES)}")
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -235,7 +256,7 @@ def distill(
                 if schedule == "cosine":
                     for group in opt.param_groups:
                         group["lr"] = lr * lr_factor(step, steps, time.perf_counter() - t0, seconds)
-                loss = distill_loss(run_batch(model, inputs), target)
+                loss = distill_loss(run_batch(model, inputs), target, inputs, labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"distillation loss became {loss.item()} at step {step}; lower distill_lr (now {lr})"

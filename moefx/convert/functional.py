@@ -115,6 +115,33 @@ def routed_share(ratio: float, num_experts: int, num_shared: int) -> float:
     return (ratio * (num_experts + num_shared) - num_shared) / num_experts
 
 
+THRESHOLD_HEADROOM = 0.02
+"""A threshold ``t`` keeps at most about ``t`` of the routed experts (all probabilities equal),
+and only near that when its router's softmax is nearly flat: a share above ``t - THRESHOLD_HEADROOM``
+needs a higher threshold (:func:`threshold_for`)."""
+
+
+def threshold_for(cfg, routed: float) -> Optional[float]:
+    """The threshold a threshold-routed layer needs to keep ``routed`` of its routed experts on
+    average: its own ``cfg.threshold``, or, where that cannot keep so many (above
+    ``t - THRESHOLD_HEADROOM``), halfway from ``routed`` to 1 (at most 0.99). With its own
+    threshold the default t = 0.9 reaches an activation ratio of about 0.92 with a fifth of the
+    groups shared; per-layer budgets may ask more of the first layers, which cost the model
+    most (bench/results-quality.md, eleventh session)."""
+    t = cfg.threshold
+    if cfg.top_k is not None or t is None or t in (0, 0.0, 1, 1.0) or routed <= t - THRESHOLD_HEADROOM:
+        return t
+    return max(t, min(0.99, routed + (1.0 - routed) / 2))
+
+
+def with_threshold(cfg, routed: float):
+    """``cfg`` with the threshold :func:`threshold_for` gives ``routed`` (itself when unchanged)."""
+    import dataclasses
+
+    t = threshold_for(cfg, routed)
+    return cfg if t == cfg.threshold else dataclasses.replace(cfg, threshold=t)
+
+
 SCALE_TOKENS = 8192
 """Tokens (evenly spaced) that a router's scale is set on, and that the layer report measures."""
 

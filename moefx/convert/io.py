@@ -15,6 +15,7 @@ complete (old moved aside, new renamed in, old removed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -70,6 +71,8 @@ def save(model: nn.Module, directory: str, source: Optional[dict] = None, overwr
     for e in entries:
         e = dict(e)
         layer = _get(model, e)
+        if dataclasses.is_dataclass(getattr(layer, "config", None)):
+            e["config"] = dataclasses.asdict(layer.config)  # calibration may lift a threshold
         part = getattr(layer, "moefx_partition", None)
         e["partition"] = part.tolist() if isinstance(part, torch.Tensor) else None
         layers.append(e)
