@@ -61,6 +61,10 @@ def main(argv=None) -> int:
                     help="what fitted routers rank experts by (calibrate(router_target=...))")
     ap.add_argument("--fisher-tokens", type=int, default=None,
                     help="tokens of the Fisher pass (moefx.convert.calibrate.FISHER_TOKENS)")
+    ap.add_argument("--dense-reference", type=int, default=0, metavar="STEPS",
+                    help="also fine-tune a copy of the dense model for STEPS steps with the distillation recipe "
+                         "(--distill-lr, cosine, --distill-labels, attention/norms/FFNs trained) and report its "
+                         "perplexity: what text labels would give the dense model itself")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
@@ -90,6 +94,14 @@ def main(argv=None) -> int:
     first = data.perplexity(dense, ev[:1]) if len(ev) > 1 else None  # the first batch: the default text
     if first is not None:
         print(f"dense perplexity on the first {ev[0].numel()} evaluation tokens {first:.3f}", flush=True)
+    if args.dense_reference:
+        ref = dense_reference(dense, dist or data.token_batches(tok, "calibration", num_tokens=args.distill_tokens,
+                                                                 seq_len=256, batch_size=2),
+                              args.dense_reference, args.distill_lr, args.distill_labels)
+        ref_ppl = data.perplexity(ref, ev)
+        print(f"dense model fine-tuned {args.dense_reference} steps (lr {args.distill_lr:g} cosine, text labels "
+              f"{args.distill_labels:g}): perplexity {ref_ppl:.3f} ({ref_ppl / dense_ppl:.3f}x dense)", flush=True)
+        del ref
     matches = moefx.find_ffns(dense, loaded.example_inputs, loaded.example_kwargs)
     rows = []
     runs = [("xmoe", r) for r in ([] if args.no_xmoe else args.ratios)] + ([("slicemoe", None)] if args.slicemoe else [])
@@ -171,6 +183,38 @@ def main(argv=None) -> int:
         with open(args.out, "a", encoding="utf-8") as fh:
             fh.write("\n" + text)
     return 0
+
+
+def dense_reference(dense, batches, steps: int, lr: float, labels: float):
+    """A copy of ``dense`` trained as distillation trains a converted model (every parameter
+    outside the embeddings and the output head, Adam, warm-up then cosine, one 2 x 256-token
+    batch per step in a fixed random order, target ``(1 - labels) * dense + labels * text``):
+    with ``labels`` > 0 it measures how much of a converted model's gain is the text's domain."""
+    from moefx.convert.calibrate import Inputs
+    from moefx.convert.distill import distill_loss, lr_factor, teacher_target
+
+    model = copy.deepcopy(dense)
+    head = model.get_output_embeddings()
+    frozen = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    frozen |= {id(p) for p in head.parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    opt = torch.optim.Adam(params, lr=lr)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+    for step in range(steps):
+        b = batches[order[step % len(order)]]
+        with torch.no_grad():
+            target = teacher_target(dense(b), 64)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, 0.0, None)
+        loss = distill_loss(model(b), target, Inputs.of(b), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def in_model_activation(model, stats) -> float:

@@ -600,7 +600,8 @@ PROBE_SCALE_TOKENS = 2048
 MODEL_SPREAD = 0.15
 """``budgets="model"``: each layer's ratio stays within the mean target +- this unless told
 (and at most :data:`MODEL_CAP`). 0.2 did no better on SmolLM2 at 75% (1.12x and 1.15x in two
-runs, against 1.14x; bench/results-quality.md, eleventh session)."""
+runs, against 1.14-1.16x in three with 0.15; on 8192 tokens 1.104x against 1.104-1.108x;
+bench/results-quality.md, eleventh session)."""
 MODEL_CAP = 0.95
 """``budgets="model"``: the most any one layer gets (its threshold is lifted to reach it,
 :func:`moefx.convert.functional.threshold_for`); 1.0 would leave a layer dense."""
@@ -989,7 +990,7 @@ def calibrate(
     :func:`model_curves`), and
     :func:`allocate_budgets` trades on those curves. On SmolLM2 (256 + 64 experts, 75%) it gave
     the first layers 0.80-0.90 and layers 14-28 0.65-0.75, and 1.14x dense perplexity against
-    1.17x for ``"inverse"`` (1.12-1.15x over three more runs, 1.10-1.11x on a 8192-token
+    1.17x for ``"inverse"`` (1.12-1.16x over four more runs, 1.104-1.108x on an 8192-token
     text), though its ~1.5 minutes left distillation 71 steps instead of 92;
     at 50% it gained nothing (1.49x against 1.44-1.48x; bench/results-quality.md, tenth session). ``"relative"`` / ``"absolute"`` spend the mean ``target_ratio`` unevenly, more where routing
     loses more (:func:`allocate_budgets` on each layer's error curve, measured after its router
