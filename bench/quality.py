@@ -89,10 +89,9 @@ def main(argv=None) -> int:
     dist = (data.token_batches(tok, "calibration", num_tokens=args.distill_tokens, seq_len=256, batch_size=2)
             if args.distill_steps else None)
     t = time.perf_counter()
-    dense_ppl = data.perplexity(dense, ev, progress=True, desc="dense perplexity")
+    dense_ppl, first = split_perplexity(dense, ev, "dense perplexity")
     print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    first = data.perplexity(dense, ev[:1]) if len(ev) > 1 else None  # the first batch: the default text
-    if first is not None:
+    if len(ev) > 1:
         print(f"dense perplexity on the first {ev[0].numel()} evaluation tokens {first:.3f}", flush=True)
     if args.dense_reference:
         ref = dense_reference(dense, dist or data.token_batches(tok, "calibration", num_tokens=args.distill_tokens,
@@ -134,11 +133,10 @@ def main(argv=None) -> int:
         if rep.budgets and len(set(rep.budgets.values())) > 1:
             print("per-layer budgets: " + " ".join(f"{v:.2f}" for v in rep.budgets.values()), flush=True)
         with moefx.metrics.collect(model) as stats:
-            ppl = data.perplexity(model, ev, progress=True, desc=f"{kind} perplexity")
+            ppl, part = split_perplexity(model, ev, f"{kind} perplexity")
         act = rep.mean("ratio_after")
         act_eval = in_model_activation(model, stats)
-        if first is not None:
-            part = data.perplexity(model, ev[:1])
+        if len(ev) > 1:
             print(f"on the first {ev[0].numel()} evaluation tokens: {part:.3f} ({part / first:.3f}x dense)", flush=True)
         with moefx.metrics.collect(model) as cal_stats, torch.no_grad():
             for b in cal[:1]:
@@ -185,21 +183,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def split_perplexity(model, ev, desc: str):
+    """Perplexity on all of ``ev`` and on its first batch (the default 2048-token text), in one
+    pass: the two parts' mean cross-entropies weighted by their predicted-token counts."""
+    import math
+
+    from moefx import data
+
+    first = data.perplexity(model, ev[:1], progress=True, desc=desc)
+    if len(ev) == 1:
+        return first, first
+    rest = data.perplexity(model, ev[1:], progress=True, desc=desc)
+    n1 = sum(b[:, 1:].numel() for b in ev[:1])
+    n2 = sum(b[:, 1:].numel() for b in ev[1:])
+    return math.exp((n1 * math.log(first) + n2 * math.log(rest)) / (n1 + n2)), first
+
+
 def dense_reference(dense, batches, steps: int, lr: float, labels: float):
     """A copy of ``dense`` trained as distillation trains a converted model (every parameter
     outside the embeddings and the output head, Adam, warm-up then cosine, one 2 x 256-token
     batch per step in a fixed random order, target ``(1 - labels) * dense + labels * text``):
     with ``labels`` > 0 it measures how much of a converted model's gain is the text's domain."""
     from moefx.convert.calibrate import Inputs
-    from moefx.convert.distill import distill_loss, lr_factor, teacher_target
+    from moefx.convert.distill import block_parameters, distill_loss, lr_factor, teacher_target
 
     model = copy.deepcopy(dense)
-    head = model.get_output_embeddings()
-    frozen = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    frozen |= {id(p) for p in head.parameters()}
-    params = [p for p in model.parameters() if id(p) not in frozen]
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
+    params = block_parameters(model)
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
     for step in range(steps):
@@ -212,8 +224,7 @@ def dense_reference(dense, batches, steps: int, lr: float, labels: float):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     return model.eval()
 
 

@@ -457,9 +457,7 @@ def calibrate_layer(
             _fit(layer, xr, norms, router_steps)
             del xr
         if target_ratio is not None:
-            routed = routed_share(target_ratio, cfg.num_experts, cfg.num_shared)
-            layer.config = with_threshold(cfg, routed)  # a budget above what t can keep lifts t
-            calibrate_scale(layer, x2d, routed)
+            calibrate_scale(layer, x2d, routed_share(target_ratio, cfg.num_experts, cfg.num_shared))
         if fit_experts:
             with torch.no_grad():
                 mask = chunked(layer_mask, layer, x2d)

@@ -166,6 +166,17 @@ def _slicemoe_train_forward(layer):
     return forward
 
 
+def block_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """What ``train="blocks"`` may train: every parameter outside the embeddings and the output
+    head (a Hugging Face model's, tied or not), each once."""
+    frozen = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        frozen.append(head)
+    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in frozen_ids]  # tied weights come once
+
+
 def distill(
     model: nn.Module,
     examples: List[tuple],
@@ -209,12 +220,7 @@ def distill(
     if train == "experts":
         candidates = [p for layer in layers.values() for p in layer.parameters()]
     else:
-        frozen = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, nn.Module):
-            frozen.append(head)  # a Hugging Face model's output head (tied or not)
-        frozen_ids = {id(p) for m in frozen for p in m.parameters()}
-        candidates = [p for p in model.parameters() if id(p) not in frozen_ids]  # tied weights come once
+        candidates = block_parameters(model)
     params = [p for p in candidates if id(p) not in routers and p.dtype.is_floating_point]
     for p in flags:
         p.requires_grad_(False)

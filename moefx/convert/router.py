@@ -77,9 +77,13 @@ def calibrate_scale(
 
     A larger scale sharpens the softmax, so fewer experts are needed to reach the threshold:
     the kept fraction decreases monotonically (up to ties) and a bisection on log-scale finds
-    it. With a top-k config, or threshold 0 or 1, the count is fixed and nothing changes.
+    it. With a top-k config, or threshold 0 or 1, the count is fixed and nothing changes. A
+    share above what the layer's threshold can keep lifts it first
+    (:func:`moefx.convert.functional.threshold_for`).
     """
-    cfg = layer.config
+    from .functional import with_threshold
+
+    cfg = layer.config = with_threshold(layer.config, target_routed)
     if cfg.top_k is not None or cfg.threshold in (0, 0.0, 1, 1.0):
         return 1.0
     x = spaced(x2d, SCALE_TOKENS).float()
