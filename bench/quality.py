@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--distill-labels", type=float, default=0.0,
                     help="weight of the calibration text's own next tokens in the distillation target (0: teacher only)")
+    ap.add_argument("--distill-router-lr", type=float, default=0.0,
+                    help="peak learning rate of the XMoE routers in distillation (0: routers frozen)")
     ap.add_argument("--budget-seconds", type=float, default=590,
                     help="whole-calibration wall-clock budget (issue: at most 10 minutes); distillation stops "
                          "early to stay inside it")
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
                               distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr, distill_train=args.distill_train,
                               distill_schedule=args.distill_schedule, distill_labels=args.distill_labels,
-                              distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds,
+                              distill_router_lr=args.distill_router_lr, distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds,
                               router_target=args.router_target)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
             label += f", distilled {rep.distill.steps} steps x 512 tokens (lr {args.distill_lr:g}, {args.distill_schedule})"
             if args.distill_labels:
                 label += f", text labels {args.distill_labels:g}"
+            if args.distill_router_lr:
+                label += f", routers trained (lr {args.distill_router_lr:g})"
         rows.append((label, ratio, act, act_eval, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} (evaluation text, in the model: {act_eval:.3f}) ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

@@ -84,16 +84,22 @@ def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, mon
     conv = sys.modules["moefx.convert"]  # the package (moefx.convert the attribute is the function)
     seen = []
     real = conv.calibrate
-    monkeypatch.setattr(conv, "calibrate", lambda *a, **kw: seen.append((kw.get("distill_train"), kw.get("distill_labels")))
+    monkeypatch.setattr(conv, "calibrate", lambda *a, **kw: seen.append((kw.get("distill_train"), kw.get("distill_labels"),
+                                                                     kw.get("distill_router_lr")))
                         or real(*a, **kw))
     out = tmp_path / "out"
     assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
-                 "--distill-steps", "2", "--distill-train", "blocks", "--distill-labels", "0.2", "--out", str(out)]) == 0
-    assert seen == [("blocks", 0.2)] and "distillation: 2 steps on" in capsys.readouterr().out
+                 "--distill-steps", "2", "--distill-train", "blocks", "--distill-labels", "0.2", "--distill-router-lr", "1e-3",
+                 "--out", str(out)]) == 0
+    assert seen == [("blocks", 0.2, 1e-3)] and "distillation: 2 steps on" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-labels", "1.5", "--out", str(tmp_path / "o3")])
     assert "'1.5' is not a weight in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
+    with pytest.raises(SystemExit):
+        main(["convert", tiny_config, "--to", "xmoe", "--distill-router-lr", "-1", "--out", str(tmp_path / "o4")])
+    assert "'-1' is not a learning rate" in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists()
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-train", "embeddings", "--out", str(tmp_path / "o2")])
     assert "invalid choice: 'embeddings'" in capsys.readouterr().err

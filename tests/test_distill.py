@@ -417,3 +417,63 @@ def test_text_labels_teach_the_text_and_cost_closeness_to_the_dense_model():
         distill(base, examples, steps=1, labels=1.0)
     with pytest.raises(ValueError, match=r"distill_labels=-0\.1"):  # before any calibration work
         moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_labels=-0.1)
+
+
+def test_router_gradient_is_each_experts_first_order_effect_on_the_loss():
+    """The straight-through gate leaves the output as it was and gives each expert's probability
+    the gradient <dL/dy, E_e(x)>, chosen or not, chained through the softmax to the router."""
+    from moefx.convert.distill import _xmoe_train_forward
+    from moefx.convert.functional import expert_hidden, router_probs
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.7, router="fitted")
+    model = moefx.convert(copy.deepcopy(dense.eval()), cfg, inputs, kwargs, calibration_batches=batches(2))
+    layer = next(iter(moe_layers(model).values()))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, layer.d_model, generator=g)
+    up = torch.randn(40, layer.d_model, generator=g)
+    layer.router.weight.requires_grad_(True)
+    y = _xmoe_train_forward(layer, routers=True)(x)
+    assert torch.equal(y, _xmoe_train_forward(layer)(x))
+    (y * up).sum().backward()
+    with torch.no_grad():
+        outs = torch.einsum("teh,edh->ted", expert_hidden(layer, x), layer.w2)  # every expert's output
+        dp = torch.einsum("ted,td->te", outs, up)
+        p = router_probs(layer, x)
+        dlogits = p * (dp - (p * dp).sum(-1, keepdim=True))
+    torch.testing.assert_close(layer.router.weight.grad, dlogits.t() @ x, rtol=1e-4, atol=1e-6)
+
+
+def test_trained_routers_choose_better_experts_at_the_same_activation():
+    """Routers scrambled after calibration, then distilled with the experts all but frozen: with
+    router training the model ends closer to the dense one than without, both rescaled to the
+    same ratio; the routers' lr is validated before any work."""
+    from moefx.convert.calibrate import rescale_in_model
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    base = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
+    moefx.calibrate(base, batches(4), target_ratio=0.5, verbose=False, progress=False, rescale=False)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in moe_layers(base).values():
+            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g) * layer.router.weight.std())
+        examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(24, seed=5)]
+    held_out = batches(4, seed=7)
+    kl = {}
+    for router_lr in (0.0, 0.3):
+        m = copy.deepcopy(base)
+        before = {n: l.router.weight.detach().clone() for n, l in moe_layers(m).items()}
+        distill(m, examples, steps=40, lr=1e-9, router_lr=router_lr, progress=False)
+        moved = [not torch.equal(l.router.weight, before[n]) for n, l in moe_layers(m).items()]
+        assert all(moved) if router_lr else not any(moved)
+        layers = moe_layers(m)
+        kept = rescale_in_model(m, layers, {n: 0.5 for n in layers}, batches(4))
+        assert all(abs(r - 0.5) < 0.1 for r in kept.values()), kept
+        kl[router_lr] = mean_kl(m, dense, held_out)
+    assert kl[0.3] < 0.8 * kl[0.0], kl
+    with pytest.raises(ValueError, match=r"router_lr=-1"):
+        distill(base, examples, steps=1, router_lr=-1)
+    with pytest.raises(ValueError, match=r"distill_router_lr=-0\.1"):  # before any calibration work
+        moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_router_lr=-0.1)

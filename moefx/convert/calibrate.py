@@ -961,6 +961,7 @@ def calibrate(
     distill_train: str = "experts",
     distill_schedule: str = "constant",
     distill_labels: float = 0.0,
+    distill_router_lr: float = 0.0,
     rescale: bool = True,
     router_target: str = "fisher",
 ) -> CalibrationReport:
@@ -1027,6 +1028,12 @@ def calibrate(
     every other block parameter (attention, norms; never the embeddings, the output head or
     the XMoE routers): the dense model's own weights then move as well, in exchange for more
     freedom to absorb the experts' error (SmolLM2 at 75%: 1.30x against 1.33x, one run).
+    ``distill_router_lr`` (default 0: routers frozen): the peak learning rate at which
+    distillation also trains the XMoE routers, end to end through a straight-through gate
+    (:func:`moefx.convert.distill._xmoe_train_forward`); the final rescale then resets each
+    layer's ratio. On SmolLM2 at 75% (72 steps, same examples and order) 1e-3 gave 1.094x dense
+    perplexity against 1.101x with frozen routers, and 1.097x against 1.099x with another order
+    (bench/results-quality.md, twelfth session).
     ``router_target``: what a fitted XMoE router learns to rank experts by. ``"fisher"``
     (default): each expert's output norm in the metric of what it changes in the model's
     prediction, the Fisher information of the dense model's output with respect to the layer's
@@ -1074,6 +1081,9 @@ def calibrate(
     if not 0.0 <= distill_labels < 1.0:
         raise ValueError(f"calibrate(distill_labels={distill_labels}): the weight of the text's next tokens "
                          f"must be in [0, 1)")
+    if not distill_router_lr >= 0.0:
+        raise ValueError(f"calibrate(distill_router_lr={distill_router_lr}): use 0 (routers frozen) or a "
+                         f"positive learning rate")
     if distill_steps < 0:
         raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
     batches = list(batches)
@@ -1223,7 +1233,8 @@ def calibrate(
                     seconds -= time.perf_counter() - t_rec
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
                                      seconds=seconds, progress=progress, train=distill_train,
-                                     schedule=distill_schedule, labels=distill_labels)
+                                     schedule=distill_schedule, labels=distill_labels,
+                                     router_lr=distill_router_lr)
         if rescale and target_ratio is not None:
             kept = rescale_in_model(model, layers, ratios, batches)
             for rep in report.layers:

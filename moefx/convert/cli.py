@@ -85,7 +85,20 @@ def register(subparsers) -> None:
                    help="weight in [0, 1) of the calibration text's own next tokens in the distillation "
                         "target (default 0: the dense model's outputs only). Above 0 the model also adapts "
                         "to the text's domain, and drifts from the dense model (bench/RESULTS.md)")
+    p.add_argument("--distill-router-lr", type=_rate, default=0.0, metavar="LR",
+                   help="XMoE: distillation also trains the routers, at this peak learning rate (default 0: "
+                        "routers keep their layer-wise fit; 1e-3 is the setting of bench/RESULTS.md)")
     p.set_defaults(func=run)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate (a number >= 0; 0: routers frozen)")
+    return value
 
 
 def _label_weight(text: str) -> float:
@@ -263,6 +276,7 @@ def run(args) -> int:
         if args.distill_steps:
             kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_train=args.distill_train,
                       distill_schedule=args.distill_schedule, distill_labels=args.distill_labels,
+                      distill_router_lr=args.distill_router_lr,
                       distill_batches=calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps,
                                                               seed=1, batch_size=2))
         report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)
