@@ -91,24 +91,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate (a number >= 0; 0: routers frozen)")
-    return value
+def _number(ok, what: str):
+    """An argparse type: a float for which ``ok(value)`` holds, else an error naming ``what``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
 
 
-def _label_weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a weight in [0, 1) (0: the dense model's outputs only)")
-    return value
+_rate = _number(lambda v: v >= 0.0, "a learning rate (a number >= 0; 0: routers frozen)")
+_label_weight = _number(lambda v: 0.0 <= v < 1.0, "a weight in [0, 1) (0: the dense model's outputs only)")
 
 
 def _configs(args):

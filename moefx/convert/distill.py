@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..data import output_tensor
-from .functional import layer_mask, masked_forward, router_probs, select_mask
+from .functional import masked_forward, router_probs, select_mask
 
 
 @dataclass
@@ -165,15 +165,11 @@ def _xmoe_train_forward(layer, routers: bool = False):
 
     def forward(x, *args, **kwargs):
         x2d = x.reshape(-1, layer.d_model)
-        if not routers:
-            with torch.no_grad():
-                mask = layer_mask(layer, x2d.float())
-            return masked_forward(layer, x2d, mask).reshape(x.shape)
-        probs = router_probs(layer, x2d)
         cfg = layer.config
-        with torch.no_grad():
-            mask = select_mask(probs, cfg.threshold, cfg.top_k, cfg.max_experts)
-        gate = mask.to(probs.dtype) + (probs - probs.detach())  # exactly the mask in value
+        with torch.set_grad_enabled(routers and torch.is_grad_enabled()):
+            probs = router_probs(layer, x2d)
+        mask = select_mask(probs.detach(), cfg.threshold, cfg.top_k, cfg.max_experts)
+        gate = mask.to(probs.dtype) + (probs - probs.detach()) if routers else mask  # exactly the mask in value
         return masked_forward(layer, x2d, gate).reshape(x.shape)
 
     return forward
