@@ -404,6 +404,79 @@ def test_model_budgets_measure_each_layer_in_the_model_and_favour_the_one_that_m
     assert alloc[loud] > alloc[quiet] and abs(sum(alloc.values()) / len(alloc) - 0.6) < 1e-6
 
 
+def test_model_curves_replay_the_blocks_before_each_probed_layer_and_change_nothing():
+    """The probes answer every transformer layer before the probed one from the all-dense
+    reference run instead of recomputing it: the curves are bit for bit those of full forwards,
+    and the attention modules of those layers run fewer times."""
+    from moefx.convert.calibrate import Inputs, model_curves
+
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    layers = moe_layers(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.router.weight.normal_()
+    attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    assert len(attn) == len(layers) >= 2
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in attn]
+    probe = [Inputs.of(b) for b in batches(2, seed=5)]
+    inputs = {n: torch.randn(64, layers[n].d_model) for n in layers}
+    runs = {}
+    for replay in (False, True):
+        calls.clear()
+        runs[replay] = (model_curves(model, layers, probe, inputs, target=0.6, spread=0.2, replay=replay), len(calls))
+    for h in hooks:
+        h.remove()
+    assert runs[True][0] == runs[False][0]
+    n, probes = len(layers), 2 * len(probe)  # two ratios per layer, each on every probe row
+    assert runs[False][1] == len(probe) * n + n * probes * n
+    assert runs[True][1] == len(probe) * n + probes * sum(n - i for i in range(n))  # layer i replays i blocks
+
+
+def test_block_replay_answers_only_identical_inputs_and_hands_out_copies():
+    """A block is answered from the record only when every tensor it receives equals the
+    recorded one; otherwise it computes. A replayed output can be changed in place without
+    touching the record, and a block run twice in one forward (shared weights) is never replayed."""
+    from moefx.convert.replay import BlockReplay, block_names
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert block_names(model, ["0", "2", "3"]) == {"0": "0", "2": "2", "3": "3"}
+    replay = BlockReplay(model, ["0", "2", "3"])
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        with replay.recording(0):
+            ref = model(x)
+        assert replay.before("3") == ["0", "2"] and replay.before("0") == []
+        with replay.replaying(0, "3"):
+            got = model(x)
+            assert torch.equal(got, ref) and (replay.hits, replay.misses) == (2, 0)
+            got.add_(1.0)
+            assert torch.equal(model(x), ref)  # the record was not changed through the copy
+            y = torch.randn(3, 4)
+            assert torch.equal(model(y), model[3](model[2](model[1](model[0](y)))))  # block 0 computes
+            assert replay.misses >= 1
+        assert "forward" not in model[0].__dict__  # the blocks' own forwards are back
+
+    shared = torch.nn.Linear(4, 4)
+    twice = torch.nn.ModuleList([shared, torch.nn.Linear(4, 4)])
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = twice
+
+        def forward(self, v):
+            return self.blocks[1](self.blocks[0](self.blocks[0](v)))
+
+    m = Twice()
+    replay = BlockReplay(m, ["blocks.0", "blocks.1"])
+    with torch.no_grad(), replay.recording(0):
+        m(x)
+    assert replay.before("blocks.1") == []
+
+
 def test_probe_rows_spread_over_all_batches():
     """The probe of budgets="model" takes whole rows from across the calibration batches, not the
     first ones (the start of a text can be unlike the rest of it)."""
@@ -420,19 +493,47 @@ def test_probe_rows_spread_over_all_batches():
 
 def test_model_budgets_fit_routers_without_the_probe_batch_then_on_every_token(monkeypatch):
     """budgets="model" probes the last calibration batch with routers fit without it (a router
-    looks better on its own fitting tokens), then refits every router on all the tokens."""
+    looks better on its own fitting tokens), then refits every router on all the tokens, adding
+    only the held batch to the least-squares sums of the first fit."""
     import importlib
 
     cal = importlib.import_module("moefx.convert.calibrate")
     seen = []
     real = cal._fit
-    monkeypatch.setattr(cal, "_fit", lambda layer, x, norms, steps: (seen.append(x.shape[0]), real(layer, x, norms, steps))[1])
+
+    def spy(layer, x, norms, steps, sums=None):
+        real(layer, x, norms, steps, sums)
+        seen.append((x.shape[0], sums.tokens if sums is not None else None))
+
+    monkeypatch.setattr(cal, "_fit", spy)
     cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
     model, _ = converted(cfg)
     n_layers = len(moe_layers(model))
-    moefx.calibrate(model, batches(4), target_ratio=0.6, verbose=False, progress=False, budgets="model")
+    rep = moefx.calibrate(model, batches(4), target_ratio=0.6, verbose=False, progress=False, budgets="model")
     total, held = 4 * 2 * 16, 2 * 16  # 4 batches of 2 x 16 tokens; the last one is the probe
-    assert seen == [total - held] * n_layers + [total] * n_layers
+    assert seen == [(total - held, total - held)] * n_layers + [(held, total)] * n_layers
+    assert all(r.tokens == total for r in rep.layers)
+
+
+def test_a_router_fit_in_two_parts_equals_one_fit_on_all_tokens():
+    """fit_router's least-squares sums carried from one call to the next give the same router
+    as one fit on both token sets (what budgets="model"'s refit relies on)."""
+    from moefx.convert.router import LeastSquares, fit_router
+
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model, _ = converted(cfg)
+    layer = next(iter(moe_layers(model).values()))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, layer.d_model, generator=g)
+    norms = torch.rand(96, 6, generator=g) + 0.01
+    fit_router(layer, x, norms, steps=0)
+    whole = layer.router.weight.detach().clone()
+    sums = LeastSquares()
+    fit_router(layer, x[:60], norms[:60], steps=0, sums=sums)
+    part = layer.router.weight.detach().clone()
+    fit_router(layer, x[60:], norms[60:], steps=0, sums=sums)
+    assert sums.tokens == 96 and not torch.allclose(part, whole, atol=1e-4)
+    torch.testing.assert_close(layer.router.weight, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_threshold_for_lifts_t_only_where_it_cannot_keep_the_share():

@@ -4,7 +4,8 @@ Why layer-wise: a 135M model on 2 CPU cores cannot afford end-to-end training, b
 is a small regression problem. One forward of the *dense* model (every converted XMoE layer
 temporarily computing all its experts, which is exactly its dense FFN before calibration; a
 SliceMoE layer running the dense teacher it keeps from conversion) records each layer's
-input. Then, one layer at a time, with only that layer's activations loaded:
+input and its dense output, the fit's target. Then, one layer at a time, with only that layer's
+activations loaded:
 
 XMoE (``combine="unit"``):
   1. router: ``fitted`` routers are trained to predict each expert's output-norm share
@@ -46,8 +47,9 @@ from ..data import output_tensor
 from .functional import (SCALE_TOKENS, activation_ratio, expert_hidden, expert_output_norms, layer_mask,
                          masked_forward, routed_share, select_mask, shared_hidden, spaced,
                          with_threshold)
+from .replay import BlockReplay
 from .rewrite import set_mode
-from .router import calibrate_scale, fit_router, scale_for
+from .router import LeastSquares, calibrate_scale, fit_router, scale_for
 
 
 def is_xmoe(m: nn.Module) -> bool:
@@ -97,6 +99,11 @@ def dense_mode(layers: Dict[str, nn.Module]):
                 layer.forward = saved[name]
 
 
+DENSE_OUT = "/dense"
+"""Suffix of a layer's recorded dense outputs in the :class:`ActivationStore` (no module path
+holds a ``/``)."""
+
+
 class ActivationStore:
     """Per-layer recorded tensors, spilled to a temporary directory beyond ``spill_bytes``."""
 
@@ -137,6 +144,8 @@ class ActivationStore:
 
     def take(self, name: str) -> torch.Tensor:
         parts = [torch.load(p, weights_only=True) for p in self.files[name]] + self.mem[name]
+        if not parts:  # nothing recorded: no token reached the layer
+            return torch.empty(0)
         self.bytes -= sum(t.numel() * 4 for t in self.mem[name])
         for p in self.files[name]:
             os.remove(p)
@@ -411,8 +420,20 @@ FIT_TOKENS = 16384
 calibration tokens (SmolLM2: routers fit on 16k tokens instead of 4k cut their held-out error
 by 6-12%; the experts' ridge refit costs twice the router's time per token)."""
 
-REPORT_TOKENS = SCALE_TOKENS
-"""Tokens (evenly spaced) a layer's report measures its errors and ratio on."""
+REPORT_TOKENS = 2048
+"""Tokens (evenly spaced) a layer's report measures its errors on; its activation ratios are
+measured on the :data:`SCALE_TOKENS` its scale is set on (they need only the router). On
+SmolLM2 the errors on 8192 tokens cost 36 s of the 10-minute budget; on 2048, 9 s."""
+
+
+def report_ratio(layer, x2d: torch.Tensor) -> float:
+    """The layer's activation ratio on (at most :data:`SCALE_TOKENS` evenly spaced of) ``x2d``,
+    the tokens :func:`calibrate_scale` sets its scale on."""
+    x = spaced(x2d, SCALE_TOKENS)
+    if not is_xmoe(layer):
+        return layer_output(layer, x[:1])[1]  # fixed by the config
+    with torch.no_grad():
+        return activation_ratio(chunked(layer_mask, layer, x), layer.config.num_shared)
 
 
 def calibrate_layer(
@@ -431,21 +452,23 @@ def calibrate_layer(
     name: str = "",
     router_x: Optional[torch.Tensor] = None,
     metric: Optional[torch.Tensor] = None,
+    router_sums: Optional[LeastSquares] = None,
 ) -> LayerReport:
     """Fit one converted layer to ``target``, its dense FFN's output on ``x2d``: the router (on
     ``router_x`` if given, a superset of ``x2d``'s tokens: a router fits better on more tokens,
-    and needs no dense output; ranking experts by their output norms in ``metric`` if given,
-    e.g. :func:`output_fisher`'s), its scale for ``target_ratio``, then the experts."""
+    and needs no dense output; with ``router_sums``, on those tokens and the ones the sums
+    already hold, :func:`moefx.convert.router.fit_router`; ranking experts by their output norms
+    in ``metric`` if given, e.g. :func:`output_fisher`'s), its scale for ``target_ratio``, then
+    the experts."""
     t0 = time.perf_counter()
     x2d = x2d.float()
     target = target.float()
-    # The report's errors and ratios are measured on the tokens calibrate_scale sets the scale on
-    # (all of them up to REPORT_TOKENS): the full set would double a layer's time at 16k tokens.
     xs, ts = spaced(x2d, REPORT_TOKENS), spaced(target, REPORT_TOKENS)
     with torch.no_grad():
-        y0, r0 = layer_output(layer, xs)
+        y0 = layer_output(layer, xs)[0]
     tokens = x2d.shape[0] if router_x is None else router_x.shape[0]
-    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", tokens, *_errors(y0, ts), r0)
+    rep = LayerReport(name, "xmoe" if is_xmoe(layer) else "slicemoe", tokens, *_errors(y0, ts),
+                      report_ratio(layer, x2d))
     if is_xmoe(layer):
         cfg = layer.config
         if fit_router is None:
@@ -454,8 +477,10 @@ def calibrate_layer(
             xr = x2d if router_x is None else router_x.float()
             with torch.no_grad():
                 norms = chunked(partial(expert_output_norms, metric=metric), layer, xr)
-            _fit(layer, xr, norms, router_steps)
+            _fit(layer, xr, norms, router_steps, router_sums)
             del xr
+            if router_sums is not None:
+                rep.tokens = router_sums.tokens
         if target_ratio is not None:
             calibrate_scale(layer, x2d, routed_share(target_ratio, cfg.num_experts, cfg.num_shared))
         if fit_experts:
@@ -466,9 +491,9 @@ def calibrate_layer(
     elif fit_experts:
         finetune(layer, x2d, target, steps or 200, lr or 1e-3, batch=batch)
     with torch.no_grad():
-        y1, r1 = layer_output(layer, xs)
+        y1 = layer_output(layer, xs)[0]
     rep.rel_err_after, rep.cos_after = _errors(y1, ts)
-    rep.ratio_after = r1
+    rep.ratio_after = report_ratio(layer, x2d)
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -644,7 +669,7 @@ def _reference(out):
 
 
 def model_curves(model: nn.Module, layers: Dict[str, nn.Module], probe: List, inputs: Dict[str, torch.Tensor],
-                 target: float, spread: float, progress: bool = False) -> Dict[str, tuple]:
+                 target: float, spread: float, progress: bool = False, replay: bool = True) -> Dict[str, tuple]:
     """Each threshold-routed XMoE layer's cost curve in the model's own output, for ``budgets="model"``.
 
     For every layer alone (all the others computing their dense FFN), its router is rescaled to
@@ -661,15 +686,28 @@ def model_curves(model: nn.Module, layers: Dict[str, nn.Module], probe: List, in
     Why not a per-layer error: SmolLM2's first eight FFNs cost the most KL at a given ratio
     (layer 0 at 0.75: 0.042; layers 12-22: 0.004-0.006) although their relative output errors
     are among the smallest, and the end-to-end cost follows neither the relative error nor its
-    first-order (Fisher) estimate (bench/results-quality.md, tenth session)."""
+    first-order (Fisher) estimate (bench/results-quality.md, tenth session).
+
+    With ``replay`` (the default), the blocks before the probed layer's (transformer layers)
+    are not recomputed: they return what they computed in the reference run
+    (:class:`moefx.convert.replay.BlockReplay`), which is what they would compute again. The
+    curves are the same; on SmolLM2 the probes take about half the time."""
     from tqdm.auto import tqdm
 
+    replay = BlockReplay(model, inputs if replay else ())
+    refs = []
     with torch.no_grad(), dense_mode(layers):
-        refs = [_reference(run_batch(model, p)) for p in probe]
+        for i, p in enumerate(probe):
+            with replay.recording(i):
+                refs.append(_reference(run_batch(model, p)))
     total = sum(r[1] for r in refs)
 
-    def cost() -> float:
-        return sum(probe_loss(run_batch(model, p), ref) for p, (ref, _) in zip(probe, refs)) / total
+    def cost(name: str) -> float:
+        loss = 0.0
+        for i, (p, (ref, _)) in enumerate(zip(probe, refs)):
+            with replay.replaying(i, name):  # the blocks before this layer's: as in the reference run
+                loss += probe_loss(run_batch(model, p), ref)
+        return loss / total
 
     curves = {}
     with torch.no_grad():
@@ -690,7 +728,7 @@ def model_curves(model: nn.Module, layers: Dict[str, nn.Module], probe: List, in
                                                        c.top_k, c.max_experts), S)
                     layer.router.weight.copy_(weight * scale)
                     with dense_mode(others):
-                        points.append((got, max(cost(), 1e-12)))
+                        points.append((got, max(cost(name), 1e-12)))
             finally:
                 layer.router.weight.copy_(weight)
                 layer.config = cfg
@@ -898,8 +936,8 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
     return kept
 
 
-def _fit(layer, x2d, norms, steps):
-    fit_router(layer, x2d, norms, steps=steps)
+def _fit(layer, x2d, norms, steps, sums=None):
+    fit_router(layer, x2d, norms, steps=steps, sums=sums)
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -1071,13 +1109,6 @@ def calibrate(
         if unknown:
             raise ValueError(f"calibrate(target_ratio=...): no converted layer named {sorted(unknown)}; "
                              f"use names from moefx.convert.calibrate.moe_layers(model)")
-    store = ActivationStore(names, spill_bytes)
-    hooks = [layers[n].register_forward_pre_hook((lambda nm: (lambda mod, args: store.add(nm, args[0])))(n))
-             for n in names]
-    was_training = model.training
-    set_mode(model, False)
-    report = CalibrationReport()
-    examples = []
     if not 0.0 <= distill_labels < 1.0:
         raise ValueError(f"calibrate(distill_labels={distill_labels}): the weight of the text's next tokens "
                          f"must be in [0, 1)")
@@ -1086,6 +1117,21 @@ def calibrate(
                          f"positive learning rate")
     if distill_steps < 0:
         raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
+    # each layer's input and its dense output (the layer-wise fit's target: the dense pass
+    # computes it anyway) are recorded; nothing is registered before the arguments are checked
+    store = ActivationStore(names + [n + DENSE_OUT for n in names], spill_bytes)
+
+    def record(name):
+        def hook(mod, args, out):
+            store.add(name, args[0])
+            store.add(name + DENSE_OUT, out)
+        return hook
+
+    hooks = [layers[n].register_forward_hook(record(n)) for n in names]
+    was_training = model.training
+    set_mode(model, False)
+    report = CalibrationReport()
+    examples = []
     batches = list(batches)
     rows = None  # calibration batches become distillation examples of the distillation batches' size
     if distill_batches is not None:
@@ -1135,6 +1181,7 @@ def calibrate(
         else:
             ratios = {n: target_ratio for n in names}
         prefitted = set()
+        sums, held_rows = {}, {}  # budgets="model": the routers' least-squares sums, refit on the held rows
         if budgets != "uniform" and target_ratio is not None:
             curves, probe_inputs = {}, {}
             desc = "fitting routers" if budgets == "model" else "measuring layer sensitivity"
@@ -1153,7 +1200,9 @@ def calibrate(
                 if name in fitted:
                     with torch.no_grad():
                         norms = chunked(partial(expert_output_norms, metric=metrics.get(name)), layer, xr)
-                    _fit(layer, xr, norms, router_steps)
+                    if held and not router_steps:  # the refit then adds the held rows only
+                        sums[name], held_rows[name] = LeastSquares(), held
+                    _fit(layer, xr, norms, router_steps, sums.get(name))
                     if budgets != "model":
                         prefitted.add(name)
                 del xr
@@ -1186,17 +1235,20 @@ def calibrate(
         report.budgets = {n: ratios[n] for n in names if ratios[n] is not None}
         for name in tqdm(names, desc="calibrating layers", disable=not progress):
             layer = layers[name]
-            x = store.take(name)
+            x, y = store.take(name), store.take(name + DENSE_OUT)
             if x.shape[0] == 0:
                 raise ValueError(f"no calibration tokens reached layer '{name}'")
             xf = spaced(x, FIT_TOKENS)  # the experts' fit and the report use at most FIT_TOKENS
-            with torch.no_grad():
-                target = chunked(dense_forward, layer, xf).float()
+            target = spaced(y, FIT_TOKENS)
+            del y
+            router_x = x if xf is not x else None
+            if name in sums:
+                router_x = x[x.shape[0] - held_rows[name]:]
             rep = calibrate_layer(
                 layer, xf, target, target_ratio=ratios[name],
                 fit_router=False if name in prefitted else fit_router, fit_experts=fit_experts,
                 router_steps=router_steps, steps=steps, lr=lr, ridge=ridge, batch=batch, name=name,
-                router_x=x if xf is not x else None, metric=metrics.get(name),
+                router_x=router_x, metric=metrics.get(name), router_sums=sums.pop(name, None),
             )
             report.layers.append(rep)
             report.tokens = rep.tokens

@@ -17,11 +17,34 @@ calibration tokens; ranking is unchanged, only how much mass the leaders hold.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .functional import SCALE_TOKENS, kept_prefix, spaced
+
+
+class LeastSquares:
+    """The sums ``X^T X`` and ``X^T Y`` (float64) of a least-squares fit, accumulated over the
+    token sets :meth:`add` is given: fitting on more tokens later costs only the new ones."""
+
+    def __init__(self) -> None:
+        self.gram: Optional[torch.Tensor] = None
+        self.xty: Optional[torch.Tensor] = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        gram, xty = x.t() @ x, x.t() @ y
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.xty = xty if self.xty is None else self.xty + xty
+        self.tokens += x.shape[0]
+
+    def solve(self, ridge: float = 1e-3) -> torch.Tensor:
+        """``W [out, in]`` minimising ``|X W^T - Y|^2 + ridge * mean(diag X^T X) * |W|^2``."""
+        gram = self.gram + ridge * float(self.gram.diagonal().mean()) * torch.eye(self.gram.shape[0], dtype=self.gram.dtype)
+        return torch.linalg.solve(gram, self.xty).t()
 
 
 def fit_router(
@@ -32,11 +55,15 @@ def fit_router(
     lr: float = 3e-3,
     batch: int = 1024,
     seed: int = 0,
+    sums: Optional[LeastSquares] = None,
 ) -> float:
     """Train ``layer.router`` on inputs ``x2d [T, d]`` and expert output norms ``[T, E]``.
 
     Returns the final mean cross-entropy. Initialised by least squares on ``log q``, so a
-    hundred Adam steps suffice.
+    hundred Adam steps suffice. ``sums``: the least-squares start is taken over the tokens of
+    earlier calls given the same object as well as these (it accumulates them); the Adam steps
+    see only these. With ``steps=0``, fitting on tokens A and then, with the same ``sums``, on
+    tokens B gives the router a fit on A and B together at the cost of B alone.
     """
     gen = torch.Generator().manual_seed(seed)
     x = x2d.detach().float()
@@ -49,9 +76,9 @@ def fit_router(
     with torch.no_grad():
         target = torch.log(q + 1e-4)
         target = target - target.mean(-1, keepdim=True)
-        gram = x.t().double() @ x.double()
-        gram += 1e-3 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
-        w.copy_(torch.linalg.solve(gram, x.t().double() @ target.double()).t().float())
+        sums = LeastSquares() if sums is None else sums
+        sums.add(x, target)
+        w.copy_(sums.solve().float())
     opt = torch.optim.Adam([w], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     loss_val = float("nan")
