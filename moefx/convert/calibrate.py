@@ -279,6 +279,12 @@ def chunked(fn, layer, x2d: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(layer, x2d[s : s + CHUNK]) for s in range(0, x2d.shape[0], CHUNK)])
 
 
+def slicemoe_ratio(layer) -> float:
+    """A SliceMoE layer's activation ratio, fixed by its config: its top-k experts' hidden width
+    over the dense FFN's."""
+    return min(1.0, layer.config.top_k * layer.config.hidden_for(layer.d_ff) / layer.d_ff)
+
+
 def layer_output(layer, x2d: torch.Tensor):
     """The layer's output (inference semantics, computed by the plain-PyTorch functional forms
     that tests check against the layer's own forward) and its activation ratio on ``x2d``."""
@@ -294,7 +300,7 @@ def layer_output(layer, x2d: torch.Tensor):
             ratios.append(activation_ratio(mask, layer.config.num_shared) * xb.shape[0])
         else:
             outs.append(slicemoe_forward(layer, xb).float())
-            ratios.append(min(1.0, layer.config.top_k * layer.config.hidden_for(layer.d_ff) / layer.d_ff) * xb.shape[0])
+            ratios.append(slicemoe_ratio(layer) * xb.shape[0])
     return torch.cat(outs), sum(ratios) / x2d.shape[0]
 
 
@@ -423,17 +429,17 @@ by 6-12%; the experts' ridge refit costs twice the router's time per token)."""
 REPORT_TOKENS = 2048
 """Tokens (evenly spaced) a layer's report measures its errors on; its activation ratios are
 measured on the :data:`SCALE_TOKENS` its scale is set on (they need only the router). On
-SmolLM2 the errors on 8192 tokens cost 36 s of the 10-minute budget; on 2048, 9 s."""
+SmolLM2 the errors on 8192 tokens cost 36 s of the 10-minute budget; on 2048, and the ratios
+from the router alone, ~13 s."""
 
 
 def report_ratio(layer, x2d: torch.Tensor) -> float:
     """The layer's activation ratio on (at most :data:`SCALE_TOKENS` evenly spaced of) ``x2d``,
     the tokens :func:`calibrate_scale` sets its scale on."""
-    x = spaced(x2d, SCALE_TOKENS)
     if not is_xmoe(layer):
-        return layer_output(layer, x[:1])[1]  # fixed by the config
+        return slicemoe_ratio(layer)
     with torch.no_grad():
-        return activation_ratio(chunked(layer_mask, layer, x), layer.config.num_shared)
+        return activation_ratio(chunked(layer_mask, layer, spaced(x2d, SCALE_TOKENS)), layer.config.num_shared)
 
 
 def calibrate_layer(
@@ -1117,21 +1123,6 @@ def calibrate(
                          f"positive learning rate")
     if distill_steps < 0:
         raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
-    # each layer's input and its dense output (the layer-wise fit's target: the dense pass
-    # computes it anyway) are recorded; nothing is registered before the arguments are checked
-    store = ActivationStore(names + [n + DENSE_OUT for n in names], spill_bytes)
-
-    def record(name):
-        def hook(mod, args, out):
-            store.add(name, args[0])
-            store.add(name + DENSE_OUT, out)
-        return hook
-
-    hooks = [layers[n].register_forward_hook(record(n)) for n in names]
-    was_training = model.training
-    set_mode(model, False)
-    report = CalibrationReport()
-    examples = []
     batches = list(batches)
     rows = None  # calibration batches become distillation examples of the distillation batches' size
     if distill_batches is not None:
@@ -1146,6 +1137,21 @@ def calibrate(
             print(f"calibrating in float32: {restore_dtypes.cast} parameters/buffers in "
                   f"{', '.join(sorted(str(d).replace('torch.', '') for d in restore_dtypes.dtypes))} "
                   "are cast back at the end")
+    # each layer's input and its dense output (the layer-wise fit's target: the dense pass
+    # computes it anyway) are recorded; nothing is registered before the arguments are read
+    store = ActivationStore(names + [n + DENSE_OUT for n in names], spill_bytes)
+
+    def record(name):
+        def hook(mod, args, out):
+            store.add(name, args[0])
+            store.add(name + DENSE_OUT, out)
+        return hook
+
+    hooks = [layers[n].register_forward_hook(record(n)) for n in names]
+    was_training = model.training
+    set_mode(model, False)
+    report = CalibrationReport()
+    examples = []
     try:
         t_dense = time.perf_counter()
         with torch.no_grad(), dense_mode(layers):
