@@ -437,7 +437,8 @@ def test_model_curves_replay_the_blocks_before_each_probed_layer_and_change_noth
 def test_block_replay_answers_only_identical_inputs_and_hands_out_copies():
     """A block is answered from the record only when every tensor it receives equals the
     recorded one; otherwise it computes. A replayed output can be changed in place without
-    touching the record, and a block run twice in one forward (shared weights) is never replayed."""
+    touching the record; a block run twice in one forward (shared weights) or changing its input
+    in place is never replayed; a block's own hooks run once either way."""
     from moefx.convert.replay import BlockReplay, block_names
 
     torch.manual_seed(0)
@@ -475,6 +476,26 @@ def test_block_replay_answers_only_identical_inputs_and_hands_out_copies():
     with torch.no_grad(), replay.recording(0):
         m(x)
     assert replay.before("blocks.1") == []
+
+    class AddInPlace(torch.nn.Module):  # a block that changes its input: replaying it would not
+        def forward(self, v):
+            return v.add_(1.0)
+
+    inplace = torch.nn.Sequential(AddInPlace(), torch.nn.Linear(4, 4))
+    replay = BlockReplay(inplace, ["0", "1"])
+    with torch.no_grad(), replay.recording(0):
+        inplace(x.clone())
+    assert replay.before("1") == []
+
+    # a hook on a block runs once whether the block computes or is replayed
+    hooked = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    hooked[0].register_forward_hook(lambda mod, args, out: out * 2.0)
+    replay = BlockReplay(hooked, ["0", "1"])
+    with torch.no_grad():
+        with replay.recording(0):
+            ref = hooked(x)
+        with replay.replaying(0, "1"):
+            assert torch.equal(hooked(x), ref) and replay.hits == 1
 
 
 def test_probe_rows_spread_over_all_batches():

@@ -19,7 +19,7 @@ arguments and no hidden state, as for any module run twice on the same inputs).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Set
 
 import torch
 from torch import nn
@@ -75,66 +75,80 @@ class BlockReplay:
         modules = dict(model.named_modules())
         self._modules = {b: modules[b] for b in set(self.blocks.values())}
         self._records: Dict[int, Dict[str, tuple]] = {}
-        self._calls: Dict[str, int] = {}
+        self._never: Set[str] = set()  # blocks run twice in a forward or changing their inputs
         self.order: List[str] = []
         self.hits = self.misses = 0
 
     @contextmanager
     def recording(self, i: int):
-        """Record every block's tensor inputs and output in the run inside, as probe ``i``'s.
-        A block run more than once in one forward (shared weights) is never replayed."""
+        """Record every block's tensor inputs and output in the run inside, as probe ``i``'s: its
+        own forward's, inside any hooks the block carries (so those run once on a replay as on a
+        computation). A block run more than once in one forward (shared weights) or that changes
+        its inputs in place is never replayed."""
         record = self._records.setdefault(i, {})
         calls: Dict[str, int] = {}
+        unsafe = set()
 
-        def hook(name):
-            def run(mod, args, kwargs, out):
+        def wrap(name, compute):
+            def forward(*args, **kwargs):
+                ins = [t.clone() for t in _leaves(kwargs, _leaves(args, []))]
+                out = compute(*args, **kwargs)
                 calls[name] = calls.get(name, 0) + 1
-                # copies: the model may change these tensors in place later in the run
-                record[name] = ([t.clone() for t in _leaves(kwargs, _leaves(args, []))], _clone(out))
-            return run
+                if not _same(_leaves(kwargs, _leaves(args, [])), ins):
+                    unsafe.add(name)
+                record[name] = (ins, _clone(out))
+                return out
+            return forward
 
-        handles = [m.register_forward_hook(hook(b), with_kwargs=True) for b, m in self._modules.items()]
+        saved = self._install(lambda b, mod: wrap(b, mod.forward), self._modules)
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            self._restore(saved)
         for b, n in calls.items():
-            self._calls[b] = max(self._calls.get(b, 0), n)
             if b not in self.order:
                 self.order.append(b)
-        for b in [b for b, n in calls.items() if n > 1]:
+            if n > 1 or b in unsafe:
+                self._never.add(b)
+        for b in self._never:
             record.pop(b, None)
+
+    def _install(self, make, names) -> Dict[str, object]:
+        """Set each named block's ``forward`` to ``make(name, module)``; returns what to restore."""
+        saved = {}
+        for b in names:
+            mod = self._modules[b]
+            saved[b] = mod.__dict__.get("forward")
+            mod.forward = make(b, mod)
+        return saved
+
+    def _restore(self, saved: Dict[str, object]) -> None:
+        for b, f in saved.items():
+            if f is None:
+                self._modules[b].__dict__.pop("forward", None)
+            else:
+                self._modules[b].forward = f
 
     def before(self, layer: str) -> List[str]:
         """The recorded blocks that ran before ``layer``'s block (none if it has no block)."""
         block = self.blocks.get(layer)
         if block not in self.order:
             return []
-        return [b for b in self.order[: self.order.index(block)] if self._calls.get(b) == 1]
+        return [b for b in self.order[: self.order.index(block)] if b not in self._never]
 
     @contextmanager
     def replaying(self, i: int, layer: Optional[str]):
         """Inside, the blocks that ran before ``layer``'s block return probe ``i``'s recorded
         outputs (a copy) when their tensor inputs equal the recorded ones."""
         record = self._records.get(i, {})
-        saved = {}
-        for b in self.before(layer) if layer is not None else []:
-            if b not in record:
-                continue
-            mod = self._modules[b]
-            saved[b] = mod.__dict__.get("forward")
-            mod.forward = self._replay(b, mod.forward, record[b])
+        todo = [b for b in (self.before(layer) if layer is not None else []) if b in record]
+        saved = self._install(lambda b, mod: self._replay(mod.forward, record[b]), todo)
         try:
             yield
         finally:
-            for b, f in saved.items():
-                if f is None:
-                    self._modules[b].__dict__.pop("forward", None)
-                else:
-                    self._modules[b].forward = f
+            self._restore(saved)
 
-    def _replay(self, name: str, compute, recorded: tuple):
+    def _replay(self, compute, recorded: tuple):
         ins, out = recorded
 
         def forward(*args, **kwargs):
