@@ -415,10 +415,12 @@ def test_text_labels_teach_the_text_and_cost_closeness_to_the_dense_model():
     assert mean_kl(models[0.0], dense, held_out) < mean_kl(models[0.7], dense, held_out)
     with pytest.raises(ValueError, match=r"labels=1\.0"):
         distill(base, examples, steps=1, labels=1.0)
+    base.train()
     with pytest.raises(ValueError, match=r"distill_labels=-0\.1"):  # before any calibration work
         moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_labels=-0.1)
     # the refused call left nothing behind: no recording hook on a layer, the model's mode as it was
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in moe_layers(base).values())
+    assert base.training
 
 
 def test_router_gradient_is_each_experts_first_order_effect_on_the_loss():
