@@ -48,7 +48,7 @@ from .functional import (SCALE_TOKENS, activation_ratio, expert_hidden, expert_o
                          masked_forward, routed_share, select_mask, shared_hidden, spaced,
                          with_threshold)
 from .replay import BlockReplay
-from .rewrite import set_mode
+from .rewrite import replace_forwards, restore_forwards, set_mode
 from .router import LeastSquares, calibrate_scale, fit_router, scale_for
 
 
@@ -85,18 +85,12 @@ def dense_forward(layer, x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def dense_mode(layers: Dict[str, nn.Module]):
     """Run every converted layer as its dense FFN inside the block."""
-    saved = {}
+    saved = replace_forwards(layers, {n: (lambda lyr: (lambda x, *a, **k: dense_forward(lyr, x)))(layer)
+                                      for n, layer in layers.items()})
     try:
-        for name, layer in layers.items():
-            saved[name] = layer.__dict__.get("forward")
-            layer.forward = (lambda lyr: (lambda x, *a, **k: dense_forward(lyr, x)))(layer)
         yield
     finally:
-        for name, layer in layers.items():
-            if saved.get(name) is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = saved[name]
+        restore_forwards(layers, saved)
 
 
 DENSE_OUT = "/dense"

@@ -224,7 +224,7 @@ def distill(
     from tqdm.auto import tqdm
 
     from .calibrate import is_xmoe, moe_layers, run_batch
-    from .rewrite import set_mode
+    from .rewrite import replace_forwards, restore_forwards, set_mode
 
     if steps <= 0 or not examples or (seconds is not None and seconds <= 0):
         return DistillReport()
@@ -251,14 +251,15 @@ def distill(
         p.requires_grad_(False)
     for p in params + router_params:
         p.requires_grad_(True)
-    saved = {n: layer.__dict__.get("forward") for n, layer in layers.items()}
-    for layer in layers.values():
+    forwards = {}
+    for name, layer in layers.items():
         if not is_xmoe(layer):
-            layer.forward = _slicemoe_train_forward(layer)
+            forwards[name] = _slicemoe_train_forward(layer)
         elif getattr(layer, "combine", "unit") == "unit" and layer.config.capacity_factor is None:
-            layer.forward = _xmoe_train_forward(layer, routers=bool(router_params))
+            forwards[name] = _xmoe_train_forward(layer, routers=bool(router_params))
         # else: probability-weighted or capacity-limited XMoE trains through its own forward
         # (the ops' autograd), which masked_forward does not reproduce
+    saved = replace_forwards(layers, forwards)
     was_training = model.training
     set_mode(model, False)  # no dropout: the student is trained to match the deterministic teacher
     groups = [{"params": params, "lr": lr, "base": lr}]
@@ -307,11 +308,7 @@ def distill(
             report.held_out_after = held_out_loss()
     finally:
         bar.close()
-        for name, layer in layers.items():
-            if saved[name] is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = saved[name]
+        restore_forwards(layers, saved)
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None

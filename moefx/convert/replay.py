@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .rewrite import replace_forwards, restore_forwards
+
 
 def _leaves(v, out: List[torch.Tensor]) -> List[torch.Tensor]:
     """The tensors in ``v``, through tuples, lists and dicts (other objects, e.g. a key-value
@@ -38,6 +40,11 @@ def _leaves(v, out: List[torch.Tensor]) -> List[torch.Tensor]:
         for item in v.values():
             _leaves(item, out)
     return out
+
+
+def _inputs(args: tuple, kwargs: dict) -> List[torch.Tensor]:
+    """The tensors a call receives, positional then keyword, in order."""
+    return _leaves(kwargs, _leaves(args, []))
 
 
 def _same(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
@@ -91,20 +98,20 @@ class BlockReplay:
 
         def wrap(name, compute):
             def forward(*args, **kwargs):
-                ins = [t.clone() for t in _leaves(kwargs, _leaves(args, []))]
+                ins = [t.clone() for t in _inputs(args, kwargs)]
                 out = compute(*args, **kwargs)
                 calls[name] = calls.get(name, 0) + 1
-                if not _same(_leaves(kwargs, _leaves(args, [])), ins):
+                if not _same(_inputs(args, kwargs), ins):
                     unsafe.add(name)
                 record[name] = (ins, _clone(out))
                 return out
             return forward
 
-        saved = self._install(lambda b, mod: wrap(b, mod.forward), self._modules)
+        saved = replace_forwards(self._modules, {b: wrap(b, m.forward) for b, m in self._modules.items()})
         try:
             yield
         finally:
-            self._restore(saved)
+            restore_forwards(self._modules, saved)
         for b, n in calls.items():
             if b not in self.order:
                 self.order.append(b)
@@ -112,22 +119,6 @@ class BlockReplay:
                 self._never.add(b)
         for b in self._never:
             record.pop(b, None)
-
-    def _install(self, make, names) -> Dict[str, object]:
-        """Set each named block's ``forward`` to ``make(name, module)``; returns what to restore."""
-        saved = {}
-        for b in names:
-            mod = self._modules[b]
-            saved[b] = mod.__dict__.get("forward")
-            mod.forward = make(b, mod)
-        return saved
-
-    def _restore(self, saved: Dict[str, object]) -> None:
-        for b, f in saved.items():
-            if f is None:
-                self._modules[b].__dict__.pop("forward", None)
-            else:
-                self._modules[b].forward = f
 
     def before(self, layer: str) -> List[str]:
         """The recorded blocks that ran before ``layer``'s block (none if it has no block)."""
@@ -142,17 +133,17 @@ class BlockReplay:
         outputs (a copy) when their tensor inputs equal the recorded ones."""
         record = self._records.get(i, {})
         todo = [b for b in (self.before(layer) if layer is not None else []) if b in record]
-        saved = self._install(lambda b, mod: self._replay(mod.forward, record[b]), todo)
+        saved = replace_forwards(self._modules, {b: self._replay(self._modules[b].forward, record[b]) for b in todo})
         try:
             yield
         finally:
-            self._restore(saved)
+            restore_forwards(self._modules, saved)
 
     def _replay(self, compute, recorded: tuple):
         ins, out = recorded
 
         def forward(*args, **kwargs):
-            if _same(_leaves(kwargs, _leaves(args, [])), ins):
+            if _same(_inputs(args, kwargs), ins):
                 self.hits += 1
                 return _clone(out)
             self.misses += 1

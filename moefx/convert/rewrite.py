@@ -218,3 +218,24 @@ def set_mode(model: nn.Module, training: bool) -> None:
                     m.train(training)
                 except NotImplementedError:
                     pass
+
+
+def replace_forwards(modules: Dict[str, nn.Module], forwards: Dict[str, Callable]) -> Dict[str, Optional[Callable]]:
+    """Set ``modules[name].forward = forwards[name]`` for each name of ``forwards``, as an instance
+    attribute (``__call__`` and the module's hooks run as before); returns what
+    :func:`restore_forwards` puts back."""
+    saved = {}
+    for name, forward in forwards.items():
+        saved[name] = modules[name].__dict__.get("forward")
+        modules[name].forward = forward
+    return saved
+
+
+def restore_forwards(modules: Dict[str, nn.Module], saved: Dict[str, Optional[Callable]]) -> None:
+    """Undo :func:`replace_forwards`: each module's own ``forward`` (or the instance attribute it
+    had before) comes back."""
+    for name, forward in saved.items():
+        if forward is None:
+            modules[name].__dict__.pop("forward", None)
+        else:
+            modules[name].forward = forward
