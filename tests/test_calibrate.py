@@ -404,6 +404,29 @@ def test_model_budgets_measure_each_layer_in_the_model_and_favour_the_one_that_m
     assert alloc[loud] > alloc[quiet] and abs(sum(alloc.values()) / len(alloc) - 0.6) < 1e-6
 
 
+def test_probe_loss_is_the_summed_kl_from_the_dense_output_and_leaves_the_reference_alone():
+    from moefx.convert.calibrate import _reference, probe_loss
+
+    g = torch.Generator().manual_seed(4)
+    dense = torch.randn(2, 7, 300, generator=g) * 3
+    near = dense + 0.05 * torch.randn(dense.shape, generator=g)
+    Out = type("Out", (), {})
+    ref, tokens = _reference(type("Out", (), {"logits": dense})())
+    assert tokens == 14
+    kept = [r.clone() for r in ref]
+    for student in (near, torch.randn(dense.shape, generator=g)):
+        out = Out()
+        out.logits = student
+        lt, ls = torch.log_softmax(dense.double(), -1), torch.log_softmax(student.double(), -1)
+        want = float((lt.exp() * (lt - ls)).sum())
+        assert probe_loss(out, ref) == pytest.approx(want, rel=1e-4)
+    for r, k in zip(ref, kept):
+        assert torch.equal(r, k)  # the next probe compares with the same reference
+    plain, norm = _reference(dense)
+    assert probe_loss(near, plain) == pytest.approx(float((near - dense).pow(2).sum()), rel=1e-5)
+    assert norm == pytest.approx(float(dense.pow(2).sum()), rel=1e-6)
+
+
 def test_model_curves_replay_the_blocks_before_each_probed_layer_and_change_nothing():
     """The probes answer every transformer layer before the probed one from the all-dense
     reference run instead of recomputing it: the curves are bit for bit those of full forwards,

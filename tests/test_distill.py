@@ -481,3 +481,103 @@ def test_trained_routers_choose_better_experts_at_the_same_activation():
         distill(base, examples, steps=1, router_lr=-1)
     with pytest.raises(ValueError, match=r"distill_router_lr=-0\.1"):  # before any calibration work
         moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_router_lr=-0.1)
+
+
+def test_adam_is_fused_where_torch_has_it_and_takes_the_same_steps(monkeypatch):
+    from moefx.convert import distill as distill_mod
+
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(4)]
+
+    def run(make):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make([{"params": ps}], 1e-2)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return opt, ps
+
+    fused, got = run(distill_mod.adam)
+    assert fused.defaults["fused"] is True  # CPU float32: torch >= 2.4 has the fused kernel
+    _, want = run(lambda groups, lr: torch.optim.Adam(groups, lr=lr))
+    for a, b, s in zip(got, want, start):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert bool((a != s).all())  # every weight took the steps
+
+    real = torch.optim.Adam
+
+    def no_fused(groups, lr, fused=None):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(groups, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    plain, again = run(distill_mod.adam)
+    assert not plain.defaults.get("fused")
+    for a, b in zip(again, want):
+        torch.testing.assert_close(a, b)
+
+
+def _autograd_sparse_kl(logits, target):
+    """The sparse KL written out, differentiated by autograd: what the closed form must match."""
+    ls = torch.log_softmax(logits.double(), dim=-1)
+    ls_top = ls.gather(-1, target.index.long())
+    pt = target.values.double().exp()
+    rest_t = (1.0 - pt.sum(-1)).clamp_min(1e-7)
+    rest_s = (1.0 - ls_top.exp().sum(-1)).clamp_min(1e-7)
+    return ((pt * (target.values.double() - ls_top)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())).mean()
+
+
+@pytest.mark.parametrize("topk", [1, 5, 29, 30])
+def test_sparse_kl_gradient_is_autograds_through_the_written_out_kl(topk):
+    g = torch.Generator().manual_seed(topk)
+    teacher = torch.randn(2, 6, 30, generator=g) * 2
+    target = teacher_target(type("Out", (), {"logits": teacher})(), topk=topk)
+    for student in (teacher + 0.3 * torch.randn(teacher.shape, generator=g), torch.randn(2, 6, 30, generator=g) * 3):
+        s = student.clone().requires_grad_()
+        ref = student.double().clone().requires_grad_()
+        loss = sparse_kl(s, target)
+        want = _autograd_sparse_kl(ref, target)
+        (3.0 * loss).backward()
+        (3.0 * want).backward()
+        assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4, abs=1e-6)
+        torch.testing.assert_close(s.grad.double(), ref.grad, rtol=1e-4, atol=1e-7)
+    # the student's rest floored (the top-k hold all its mass): that term has no gradient, as under clamp
+    peaked = torch.full((1, 1, 30), -30.0)
+    peaked[..., target.index[0, 0].long()] = 10.0
+    s, ref = peaked.clone().requires_grad_(), peaked.double().clone().requires_grad_()
+    sparse_kl(s, Target(values=target.values[:1, :1], index=target.index[:1, :1])).backward()
+    _autograd_sparse_kl(ref, Target(values=target.values[:1, :1], index=target.index[:1, :1])).backward()
+    torch.testing.assert_close(s.grad.double(), ref.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_down_projections_train_flat_and_end_as_if_trained_in_place(monkeypatch):
+    """The XMoE down projections ``w2 [E, d, h]`` train as one ``[d, E * h]`` parameter (no
+    strided copy per step) and are written back at the end: the same weights as training ``w2``
+    itself, and nothing of the flat copy is left on the model."""
+    from moefx.convert import distill as distill_mod
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
+    moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False)
+    with torch.no_grad():
+        examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(6, seed=5)]
+    in_place = copy.deepcopy(model)
+    names = {n for n, _ in model.named_parameters()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+    real = distill_mod._flat_down_projections
+    monkeypatch.setattr(distill_mod, "_flat_down_projections", lambda *a: seen.append(real(*a)) or seen[-1])
+    distill(model, examples, steps=6, lr=3e-3, progress=False, train="blocks", router_lr=1e-3)
+    assert sorted(seen[0]) == sorted(moe_layers(model))  # every layer's w2 trained flat
+    monkeypatch.setattr(distill_mod, "_flat_down_projections", lambda *a: {})
+    distill(in_place, examples, steps=6, lr=3e-3, progress=False, train="blocks", router_lr=1e-3)
+    got, want = dict(model.named_parameters()), dict(in_place.named_parameters())
+    assert set(got) == names
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert all(not torch.equal(got[n], start[n]) for n in names if n.endswith(".w2")), "w2 did not train"

@@ -76,10 +76,12 @@ def shared_hidden(layer, x2d: torch.Tensor) -> Optional[torch.Tensor]:
     return h
 
 
-def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``combine="unit"`` output with the routed experts chosen by ``mask`` (None: all)."""
+def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                   w2_flat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``combine="unit"`` output with the routed experts chosen by ``mask`` (None: all);
+    ``w2_flat``: the routed down projections as one ``[d, E * h]`` matrix (``XMoE.flat_w2``)."""
     gate = x2d.new_ones((x2d.shape[0], layer.config.num_experts)) if mask is None else mask
-    y = layer.dense_masked_experts(x2d, gate)
+    y = layer.dense_masked_experts(x2d, gate, w2_flat)
     hs = shared_hidden(layer, x2d)
     if hs is not None:
         y = y + F.linear(hs, layer.shared_w2)

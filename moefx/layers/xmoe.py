@@ -153,14 +153,22 @@ class XMoE(nn.Module):
             hidden = hidden * F.linear(x2d, self.w3.reshape(E * h, d), None if self.b3 is None else self.b3.reshape(E * h))
         return hidden.view(x2d.shape[0], E, h)
 
-    def dense_masked_experts(self, x2d: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def dense_masked_experts(self, x2d: torch.Tensor, gate: torch.Tensor,
+                             w2_flat: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``Σ_e gate[n,e] · FFN_e(x[n])`` over every routed expert at once, ``gate [N, E]`` being
         each row's weight per expert (0 for an expert it did not choose): with the gate of a
         routing (:meth:`routing_gate`), ``moe_ffn``'s routed sum, exact up to float summation
-        order and differentiable in x, the gate and the expert parameters."""
+        order and differentiable in x, the gate and the expert parameters. ``w2_flat``: the
+        down projections as one ``[d, E * h]`` matrix (:meth:`flat_w2`), for a caller that trains
+        them in that layout; by default it is made from ``w2`` (a copy, and another in backward)."""
         E, h, d = self.w1.shape
         hidden = (self.all_expert_hidden(x2d) * gate.unsqueeze(-1).to(x2d.dtype)).reshape(x2d.shape[0], E * h)
-        return F.linear(hidden, self.w2.permute(1, 0, 2).reshape(d, E * h))
+        return F.linear(hidden, self.flat_w2() if w2_flat is None else w2_flat)
+
+    def flat_w2(self) -> torch.Tensor:
+        """The routed experts' down projections ``w2 [E, d, h]`` as one ``[d, E * h]`` matrix (a copy)."""
+        E, d, h = self.w2.shape
+        return self.w2.permute(1, 0, 2).reshape(d, E * h)
 
     def routing_gate(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``[N, E]``: row n's weight for expert e (``weight[n, j]`` where ``idx[n, j] == e``, else 0)."""
