@@ -591,3 +591,18 @@ def test_threshold_for_lifts_t_only_where_it_cannot_keep_the_share():
     assert threshold_for(XMoEConfig(num_experts=16, threshold=None, top_k=4), 0.95) is None
     assert threshold_for(XMoEConfig(num_experts=16, threshold=1.0), 0.95) == 1.0
 
+
+
+@pytest.mark.parametrize("shape,blocks", [((50, 300), 4), ((7, 257), 3), ((40, 513), 5), ((30, 64), 4), ((9, 300), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_matrix_is_xtx_from_its_upper_block_triangle(shape, blocks, dtype):
+    from moefx.convert.functional import gram_matrix
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]), dtype=dtype)
+    g = gram_matrix(x, blocks)
+    want = x.t() @ x
+    torch.testing.assert_close(g, want)
+    n = shape[1]
+    if blocks > 1 and n >= 256:  # the blocks below the diagonal are the mirrored ones above it
+        cut = round(n / blocks)
+        assert torch.equal(g[cut:, :cut], g[:cut, cut:].t())

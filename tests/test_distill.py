@@ -581,3 +581,36 @@ def test_down_projections_train_flat_and_end_as_if_trained_in_place(monkeypatch)
     for n in names:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
     assert all(not torch.equal(got[n], start[n]) for n in names if n.endswith(".w2")), "w2 did not train"
+
+
+def test_teachers_are_recorded_while_the_time_left_trains_every_example_once(monkeypatch):
+    """With a training cost, the time limit covers recording and one pass of training: a batch
+    is recorded only if, at the recording's own measured cost per token, the time left after it
+    still trains it and everything held before it."""
+    from moefx.convert import distill as distill_mod
+    from moefx.convert.distill import record_teachers, worth_recording
+
+    # 1 s per 100 tokens recorded, training 3x that: 10 s recorded 1000 tokens; 500 held before
+    assert worth_recording(100.0, 10.0, 1000, 500, 100, 3.0)  # 10 + 1 + 3 * 16 = 59
+    assert not worth_recording(58.0, 10.0, 1000, 500, 100, 3.0)
+    assert worth_recording(59.0, 10.0, 1000, 500, 100, 3.0)
+    assert worth_recording(1.0, 0.0, 0, 10_000, 100, 3.0)  # nothing timed yet
+
+    clock = [0.0]
+    monkeypatch.setattr(distill_mod.time, "perf_counter", lambda: clock[0])
+    real = distill_mod.teacher_target
+
+    def timed(out, topk):  # each batch of 2 x 16 = 32 tokens takes 1 s to record
+        clock[0] += 1.0
+        return real(out, topk)
+
+    monkeypatch.setattr(distill_mod, "teacher_target", timed)
+    dense, _, _ = ZOO["llama"]()
+    dense.eval()
+    # n batches: n s of recording + 3 s per batch of training (n + 2 held) <= 40 s -> n <= 8.5
+    got = record_teachers(dense, batches(20), topk=4, progress=False, seconds=40.0, train_cost=3.0, trained_tokens=64)
+    assert len(got) == 8
+    clock[0] = 0.0
+    assert len(record_teachers(dense, batches(20), topk=4, progress=False, seconds=5.0, train_cost=3.0)) == 2  # the floor
+    clock[0] = 0.0
+    assert len(record_teachers(dense, batches(20), topk=4, progress=False, seconds=40.0)) == 20  # no cost: time alone

@@ -306,7 +306,7 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     tokens (a 1.5k-feature regression on a few thousand tokens) an unanchored fit memorises
     the calibration text and generalises worse than no fit at all (measured on SmolLM2), while
     the anchored fit only moves the weights where the data insists."""
-    from .functional import expert_hidden, shared_hidden
+    from .functional import expert_hidden, gram_matrix, shared_hidden
 
     E, h = layer.w1.shape[0], layer.w1.shape[1]
     has_shared = getattr(layer, "shared_w2", None) is not None
@@ -322,7 +322,7 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
                 feats.append(torch.ones(xb.shape[0], 1))
             # float32 products per CHUNK-token chunk (half the time of float64 ones), summed in float64
             fb = torch.cat(feats, 1)
-            g = (fb.t() @ fb).double()
+            g = gram_matrix(fb).double()
             r = (fb.t() @ target[s : s + CHUNK].float()).double()
             gram = g if gram is None else gram + g
             rhs = r if rhs is None else rhs + r
@@ -500,11 +500,9 @@ def calibrate_layer(
 
 TRAIN_COST = 3.0
 """A distillation step (forward and backward of the student) costs about this many teacher
-forwards of the same tokens (SmolLM2: 4.7 s against 1.5 s for 512 tokens)."""
-
-TEACHER_SHARE = 1.0 / (1.0 + TRAIN_COST)
-"""Share of the distillation time spent recording more teacher outputs when time is limited (a
-recorded batch is then trained on once)."""
+forwards of the same tokens (SmolLM2: 4.7 s against 1.5 s for 512 tokens; 5.5 s against 1.75 s
+on a slower day). Fresh teacher batches are recorded while the time left trains each example
+once at this cost (:func:`moefx.convert.distill.worth_recording`)."""
 
 
 def split_rows(inputs: "Inputs", target, rows: Optional[int]) -> list:
@@ -1056,8 +1054,8 @@ def calibrate(
     (cut into the distillation batches' size, :func:`split_rows`). The teacher's outputs for ``distill_batches`` are
     recorded after the layer-wise fit, in dense mode with the pre-calibration weights swapped
     back in, skipping any batch equal to a calibration batch (:func:`batch_key`), and only as
-    many as the remaining time can train on beyond the calibration examples (a quarter of that
-    time goes to recording). ``distill_schedule``: ``"constant"`` (default) or ``"cosine"`` (warm-up, then
+    many as the remaining time can train on beyond the calibration examples, each once (the
+    recording times itself: :func:`moefx.convert.distill.worth_recording`). ``distill_schedule``: ``"constant"`` (default) or ``"cosine"`` (warm-up, then
     decay to a tenth by the end: :func:`moefx.convert.distill.lr_factor`). ``distill_labels``
     (default 0): the weight of the text's own next tokens in the distillation target
     (:func:`moefx.convert.distill.distill_loss`). It adapts the model to the calibration text's
@@ -1271,19 +1269,19 @@ def calibrate(
                 seconds = left if seconds is None else min(seconds, left)
             if deferred:
                 t_rec = time.perf_counter()
-                limit = None
-                if seconds is not None:
-                    # training the calibration examples takes ~TRAIN_COST forwards of their tokens;
-                    # of the time beyond that, TEACHER_SHARE records more examples to train on
-                    own = TRAIN_COST * t_dense * sum(t.tokens for _, t in examples) / max(1, report.tokens)
-                    limit = TEACHER_SHARE * max(0.0, seconds - own)
+                held = sum(t.tokens for _, t in examples)
+                # training the calibration examples takes ~TRAIN_COST forwards of their tokens (as
+                # timed in the dense pass, which also recorded): more are recorded only if there is
+                # time beyond that, and then while the recording's own timing says they fit
+                room = seconds is None or TRAIN_COST * t_dense * held / max(1, report.tokens) < seconds
                 more = max(0, distill_steps + 2 - len(examples))
-                if more and (limit is None or limit > 0):
+                if more and room:
                     known = {batch_key(i) for i, _ in examples}
                     fresh = [b for b in distill_batches if batch_key(Inputs.of(b)) not in known]
                     with swapped_weights(layers, originals), torch.no_grad(), dense_mode(layers):
                         examples += record_teachers(model, fresh, distill_topk, progress=progress,
-                                                    max_batches=more, seconds=limit)
+                                                    max_batches=more, seconds=seconds,
+                                                    train_cost=TRAIN_COST, trained_tokens=held)
                 del originals
                 for layer in layers.values():
                     drop_teacher(layer, fit_experts)

@@ -90,6 +90,23 @@ def masked_forward(layer, x2d: torch.Tensor, mask: Optional[torch.Tensor] = None
     return y
 
 
+def gram_matrix(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``x^T x`` (``x [T, n]``), its upper block triangle computed in ``blocks`` column blocks and
+    mirrored: 10/16 of the products for 4 blocks. On a 2-core CPU a
+    ``[4096, 1537]`` chunk (an XMoE refit's features) takes 0.10 s instead of 0.22 s. Narrow
+    inputs (under 256 columns) take the one product."""
+    n = x.shape[1]
+    if n < 256 or blocks <= 1:
+        return x.t() @ x
+    cuts = [round(i * n / blocks) for i in range(blocks + 1)]
+    g = x.new_empty(n, n)
+    for a, b in zip(cuts, cuts[1:]):
+        rows = x[:, a:b].t() @ x[:, a:]  # [b - a, n - a]: the diagonal block and the ones right of it
+        g[a:b, a:] = rows
+        g[b:, a:b] = rows[:, b - a:].t()
+    return g
+
+
 def expert_output_norms(layer, x2d: torch.Tensor, metric: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``||E_e(x)||`` for every token and routed expert: ``[T, E]`` (what an oracle ranks by).
     With ``metric`` (``[d, d]``, positive semi-definite), the norm is ``sqrt(y^T metric y)``."""

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .functional import SCALE_TOKENS, kept_prefix, spaced
+from .functional import SCALE_TOKENS, gram_matrix, kept_prefix, spaced
 
 
 class LeastSquares:
@@ -36,7 +36,7 @@ class LeastSquares:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
-        gram, xty = x.t() @ x, x.t() @ y
+        gram, xty = gram_matrix(x), x.t() @ y
         self.gram = gram if self.gram is None else self.gram + gram
         self.xty = xty if self.xty is None else self.xty + xty
         self.tokens += x.shape[0]
@@ -96,8 +96,14 @@ def fit_router(
     return loss_val
 
 
+SCALE_ITERS = 24
+"""Bisection steps of :func:`scale_for` on the log-scale interval [-12, 12]: the scale to a
+relative 1.4e-6, far finer than the kept share on thousands of tokens can tell (40 steps cost
+~8 s more over SmolLM2's calibration, probes and final rescale)."""
+
+
 def calibrate_scale(
-    layer, x2d: torch.Tensor, target_routed: float, iters: int = 40
+    layer, x2d: torch.Tensor, target_routed: float, iters: int = SCALE_ITERS
 ) -> float:
     """Scale the router weight so the threshold rule keeps ``target_routed`` of the routed
     experts on average over ``x2d``. Returns the scale applied.
@@ -120,7 +126,7 @@ def calibrate_scale(
     return scale
 
 
-def scale_for(base: torch.Tensor, cfg, target_routed: float, iters: int = 40) -> float:
+def scale_for(base: torch.Tensor, cfg, target_routed: float, iters: int = SCALE_ITERS) -> float:
     """The logit scale at which the threshold rule keeps ``target_routed`` of the routed
     experts on average over the logits ``base [T, E]`` (bisection on log-scale)."""
     if cfg.top_k is not None or cfg.threshold in (0, 0.0, 1, 1.0):
