@@ -272,3 +272,16 @@ def test_dense_masked_path_only_when_training_a_high_share(monkeypatch):
     sparse = make(num_experts=8, top_k=1).train()
     idx, weight, _ = sparse.route(x)
     assert not sparse.use_dense_training(x, idx, weight)  # 1 of 8 kept: the grouped op
+
+
+def test_flat_w2_layout_round_trips_and_is_what_the_masked_experts_multiply_by():
+    layer = make(num_experts=4, threshold=0.8)
+    E, d, h = layer.w2.shape
+    flat = layer.flat_w2()
+    assert flat.shape == (d, E * h) and torch.equal(flat[:, h:2 * h], layer.w2[1])
+    x = torch.randn(5, d, dtype=torch.float64)
+    gate = (torch.rand(5, E) > 0.5).double()
+    torch.testing.assert_close(layer.dense_masked_experts(x, gate, 2 * flat), 2 * layer.dense_masked_experts(x, gate))
+    before = layer.w2.detach().clone()
+    layer.set_flat_w2(3 * flat.detach())
+    torch.testing.assert_close(layer.w2, 3 * before)

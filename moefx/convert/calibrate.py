@@ -329,7 +329,7 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         prior = []
         if has_shared:
             prior.append(layer.shared_w2.detach().t())
-        prior.append(layer.w2.detach().transpose(1, 2).reshape(E * h, -1))
+        prior.append(layer.flat_w2().detach().t())
         if has_bias:
             prior.append(layer.bias.detach().reshape(1, -1))
         prior = torch.cat(prior).double()
@@ -342,8 +342,7 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
             hs = layer.shared_w2.shape[1]
             layer.shared_w2.copy_(sol[off : off + hs].t().to(layer.shared_w2.dtype))
             off += hs
-        w2 = sol[off : off + E * h].reshape(E, h, -1).transpose(1, 2)
-        layer.w2.copy_(w2.to(layer.w2.dtype))
+        layer.set_flat_w2(sol[off : off + E * h].t())
         off += E * h
         if has_bias:
             layer.bias.copy_(sol[off].to(layer.bias.dtype))

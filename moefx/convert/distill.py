@@ -347,10 +347,8 @@ def distill(
     finally:
         bar.close()
         restore_forwards(layers, saved)
-        with torch.no_grad():
-            for name, w2_flat in flat.items():  # what the flat down projections learned, back in place
-                layer = layers[name]
-                layer.w2.copy_(w2_flat.view(layer.w2.shape[1], layer.w2.shape[0], -1).permute(1, 0, 2))
+        for name, w2_flat in flat.items():  # what the flat down projections learned, back in place
+            layers[name].set_flat_w2(w2_flat)
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None

@@ -170,6 +170,12 @@ class XMoE(nn.Module):
         E, d, h = self.w2.shape
         return self.w2.permute(1, 0, 2).reshape(d, E * h)
 
+    @torch.no_grad()
+    def set_flat_w2(self, flat: torch.Tensor) -> None:
+        """Write ``flat [d, E * h]`` (the layout of :meth:`flat_w2`) into ``w2``, cast to its dtype."""
+        E, d, h = self.w2.shape
+        self.w2.copy_(flat.reshape(d, E, h).permute(1, 0, 2))
+
     def routing_gate(self, x2d: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``[N, E]``: row n's weight for expert e (``weight[n, j]`` where ``idx[n, j] == e``, else 0)."""
         w = torch.where(idx >= 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
