@@ -643,11 +643,7 @@ def probe_rows(batches: List, max_tokens: Optional[int] = None) -> List["Inputs"
     rows = [p for b in batches for p in _pieces(b, 1)]
     if not rows:
         return []
-    t = rows[0].tensors()
-    per_row = 1
-    if t:
-        shape = t[0].shape[1:-1] if t[0].is_floating_point() else t[0].shape[1:]
-        per_row = max(1, int(math.prod(shape)))
+    per_row = max(1, batch_tokens(rows[0]))  # a piece of one row
     n = min(len(rows), max(1, math.ceil(max_tokens / per_row)))
     return [rows[round(i * (len(rows) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else rows[:1]
 
