@@ -136,14 +136,13 @@ class ActivationStore:
         return torch.cat(parts) if parts else torch.empty(0)
 
     def take(self, name: str) -> torch.Tensor:
-        parts = [torch.load(p, weights_only=True) for p in self.files[name]] + self.mem[name]
-        if not parts:  # nothing recorded: no token reached the layer
-            return torch.empty(0)
+        """The rows recorded for ``name`` (empty if no token reached the layer), removed from the store."""
+        x = self.peek(name)
         self.bytes -= sum(t.numel() * 4 for t in self.mem[name])
         for p in self.files[name]:
             os.remove(p)
         self.files[name], self.mem[name] = [], []
-        return torch.cat(parts)
+        return x
 
     def close(self) -> None:
         if self.dir is not None:
@@ -304,12 +303,12 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     tokens (a 1.5k-feature regression on a few thousand tokens) an unanchored fit memorises
     the calibration text and generalises worse than no fit at all (measured on SmolLM2), while
     the anchored fit only moves the weights where the data insists."""
-    from .functional import expert_hidden, gram_matrix, shared_hidden, spd_solve
+    from .functional import expert_hidden, shared_hidden, spd_solve
 
     E, h = layer.w1.shape[0], layer.w1.shape[1]
     has_shared = getattr(layer, "shared_w2", None) is not None
     has_bias = getattr(layer, "bias", None) is not None
-    gram, rhs = None, None
+    sums = LeastSquares()  # float32 products per CHUNK-token chunk, summed in float64
     with torch.no_grad():
         for s in range(0, x2d.shape[0], CHUNK):
             xb = x2d[s : s + CHUNK].float()
@@ -318,12 +317,8 @@ def refit_down(layer, x2d: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
                 feats.insert(0, shared_hidden(layer, xb))
             if has_bias:
                 feats.append(torch.ones(xb.shape[0], 1))
-            # float32 products per CHUNK-token chunk (half the time of float64 ones), summed in float64
-            fb = torch.cat(feats, 1)
-            g = gram_matrix(fb).double()
-            r = (fb.t() @ target[s : s + CHUNK].float()).double()
-            gram = g if gram is None else gram + g
-            rhs = r if rhs is None else rhs + r
+            sums.add(torch.cat(feats, 1), target[s : s + CHUNK])
+        gram, rhs = sums.gram, sums.xty
         prior = []
         if has_shared:
             prior.append(layer.shared_w2.detach().t())
