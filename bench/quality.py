@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main(argv=None) -> int:
+    from moefx.convert.distill import DISTILL_TRAIN
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.75, 0.5, 0.25])
     ap.add_argument("--experts", type=int, default=16)
@@ -48,8 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-tokens", type=int, default=49152,
                     help="calibration-split tokens for distillation, in batches of 2 x 256")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
-    ap.add_argument("--distill-train", default="experts", choices=["experts", "blocks"],
-                    help="what distillation trains: expert weights, or every block parameter outside the embeddings")
+    ap.add_argument("--distill-train", default="experts", choices=list(DISTILL_TRAIN),
+                    help="what distillation trains: expert weights, every block parameter outside the embeddings, "
+                         "or that but the converted layers' up and gate projections (blocks-down)")
     ap.add_argument("--distill-seconds", type=float, default=None)
     ap.add_argument("--distill-schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--distill-labels", type=float, default=0.0,

@@ -89,9 +89,9 @@ def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, mon
                         or real(*a, **kw))
     out = tmp_path / "out"
     assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
-                 "--distill-steps", "2", "--distill-train", "blocks", "--distill-labels", "0.2", "--distill-router-lr", "1e-3",
+                 "--distill-steps", "2", "--distill-train", "blocks-down", "--distill-labels", "0.2", "--distill-router-lr", "1e-3",
                  "--out", str(out)]) == 0
-    assert seen == [("blocks", 0.2, 1e-3)] and "distillation: 2 steps on" in capsys.readouterr().out
+    assert seen == [("blocks-down", 0.2, 1e-3)] and "distillation: 2 steps on" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-labels", "1.5", "--out", str(tmp_path / "o3")])
     assert "'1.5' is not a weight in [0, 1)" in capsys.readouterr().err

@@ -171,6 +171,39 @@ def test_training_blocks_moves_attention_and_norms_but_not_embeddings_or_routers
         distill(model, examples, steps=1, train="everything")
 
 
+def test_training_blocks_down_keeps_the_up_and_gate_projections_and_still_learns():
+    """``train="blocks-down"``: every block parameter ``blocks`` trains except the converted
+    layers' up and gate projections (routed and shared), which keep their values bit for bit;
+    the down projections, attention and norms move, and the model gets closer to the dense one."""
+    from moefx.convert.distill import UP_PROJECTIONS
+
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    plain = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
+    moefx.calibrate(plain, batches(4), target_ratio=0.5, verbose=False, progress=False, rescale=False)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # down projections away from their fit: an error that only they can take back
+        for layer in moe_layers(plain).values():
+            for w in (layer.w2, layer.shared_w2):
+                w.add_(torch.randn(w.shape, generator=g) * 3 * w.std())
+        examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(40, seed=3)]
+    model = copy.deepcopy(plain)
+    d = distill(model, examples, steps=40, lr=1e-3, progress=False, train="blocks-down")
+    assert d.steps == 40
+    before = dict(plain.named_parameters())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    up = {f"{name}.{attr}" for name, layer in moe_layers(model).items() for attr in UP_PROJECTIONS
+          if isinstance(getattr(layer, attr, None), torch.Tensor)}
+    assert {n.rsplit(".", 1)[-1] for n in up} >= {"w1", "w3", "shared_w1", "shared_w3"}  # a GLU with shared experts
+    assert not moved & up, sorted(moved & up)
+    assert any(n.endswith(".w2") for n in moved) and any(n.endswith(".shared_w2") for n in moved)
+    assert any(".self_attn." in n for n in moved) and any("norm" in n for n in moved)
+    assert not any("embed" in n or "lm_head" in n or ".router." in n for n in moved), sorted(moved)
+    held_out = batches(3, seed=7)
+    assert mean_kl(model, dense, held_out) < 0.7 * mean_kl(plain, dense, held_out)
+
+
 def test_teacher_outputs_recorded_after_the_layer_wise_fit_are_the_dense_models():
     """Distillation batches are recorded after calibration with the pre-calibration weights
     swapped back in: what they record is the dense model's output, and the calibrated weights
@@ -333,6 +366,30 @@ def test_calibration_batches_are_distillation_examples_and_their_repeats_are_not
     assert recorded == []
 
 
+def test_the_recording_rule_prices_a_step_by_what_distillation_trains(monkeypatch):
+    """Under a time budget, fresh teacher batches are recorded while training each example once
+    still fits; a ``blocks-down`` step is cheaper than a ``blocks`` one, and the rule is told so."""
+    from moefx.convert import distill as D
+    from moefx.convert.calibrate import TRAIN_COST
+
+    assert TRAIN_COST["blocks-down"] < TRAIN_COST["blocks"]
+    dense, inputs, kwargs = ZOO["llama"]()
+    seen = []
+    real_record = D.record_teachers
+
+    def record(model, bs, *a, **k):
+        seen.append(k.get("train_cost"))
+        return real_record(model, bs, *a, **k)
+
+    monkeypatch.setattr(D, "record_teachers", record)
+    for mode in ("blocks", "blocks-down"):
+        model = moefx.convert(copy.deepcopy(dense), XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
+                              calibration_batches=batches(2))
+        moefx.calibrate(model, batches(2), target_ratio=0.6, verbose=False, progress=False, distill_steps=4,
+                        distill_batches=batches(4, seed=5), distill_train=mode, budget_seconds=600)
+    assert seen == [TRAIN_COST["blocks"], TRAIN_COST["blocks-down"]]
+
+
 def test_split_rows_cuts_inputs_and_targets_alike_or_leaves_them_whole():
     from moefx.convert.calibrate import split_rows
 
@@ -419,7 +476,11 @@ def test_text_labels_teach_the_text_and_cost_closeness_to_the_dense_model():
     base.train()
     with pytest.raises(ValueError, match=r"distill_labels=-0\.1"):  # before any calibration work
         moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_labels=-0.1)
-    # the refused call left nothing behind: no recording hook on a layer, the model's mode as it was
+    with pytest.raises(ValueError, match=r"distill_train='block'.*blocks-down"):
+        moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_train="block")
+    with pytest.raises(ValueError, match=r"distill_schedule='cos'"):
+        moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_schedule="cos")
+    # the refused calls left nothing behind: no recording hook on a layer, the model's mode as it was
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in moe_layers(base).values())
     assert base.training
 
