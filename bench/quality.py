@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main(argv=None) -> int:
-    from moefx.convert.distill import DISTILL_TRAIN
+    from moefx.convert.distill import DISTILL_SCHEDULES, DISTILL_TRAIN
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.75, 0.5, 0.25])
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                     help="what distillation trains: expert weights, every block parameter outside the embeddings, "
                          "or that but the converted layers' up and gate projections (blocks-down)")
     ap.add_argument("--distill-seconds", type=float, default=None)
-    ap.add_argument("--distill-schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--distill-schedule", default="constant", choices=list(DISTILL_SCHEDULES))
     ap.add_argument("--distill-labels", type=float, default=0.0,
                     help="weight of the calibration text's own next tokens in the distillation target (0: teacher only)")
     ap.add_argument("--distill-router-lr", type=float, default=0.0,

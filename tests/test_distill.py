@@ -20,6 +20,17 @@ def batches(n, seq=16, vocab=64, seed=0, rows=2):
     return [torch.randint(0, vocab, (rows, seq), generator=g) for _ in range(n)]
 
 
+def calibrated_llama(rescale: bool = True):
+    """The zoo's Llama (eval mode) and a copy converted to XMoE (6 routed + 1 shared experts,
+    fitted routers) and calibrated layer-wise to a ratio of 0.5."""
+    dense, inputs, kwargs = ZOO["llama"]()
+    dense.eval()
+    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
+    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
+    moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False, rescale=rescale)
+    return dense, model
+
+
 def full_kl(student_logits, teacher_logits):
     lt = torch.log_softmax(teacher_logits.double(), -1)
     ls = torch.log_softmax(student_logits.double(), -1)
@@ -152,11 +163,7 @@ def test_prob_combine_layers_train_through_their_own_forward():
 
 
 def test_training_blocks_moves_attention_and_norms_but_not_embeddings_or_routers():
-    dense, inputs, kwargs = ZOO["llama"]()
-    dense.eval()
-    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
-    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
-    moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False)
+    dense, model = calibrated_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(8, seed=5)]
@@ -177,11 +184,7 @@ def test_training_blocks_down_keeps_the_up_and_gate_projections_and_still_learns
     the down projections, attention and norms move, and the model gets closer to the dense one."""
     from moefx.convert.distill import UP_PROJECTIONS
 
-    dense, inputs, kwargs = ZOO["llama"]()
-    dense.eval()
-    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
-    plain = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
-    moefx.calibrate(plain, batches(4), target_ratio=0.5, verbose=False, progress=False, rescale=False)
+    dense, plain = calibrated_llama(rescale=False)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():  # down projections away from their fit: an error that only they can take back
         for layer in moe_layers(plain).values():
@@ -516,11 +519,7 @@ def test_trained_routers_choose_better_experts_at_the_same_activation():
     same ratio; the routers' lr is validated before any work."""
     from moefx.convert.calibrate import rescale_in_model
 
-    dense, inputs, kwargs = ZOO["llama"]()
-    dense.eval()
-    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
-    base = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
-    moefx.calibrate(base, batches(4), target_ratio=0.5, verbose=False, progress=False, rescale=False)
+    dense, base = calibrated_llama(rescale=False)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for layer in moe_layers(base).values():
@@ -621,11 +620,7 @@ def test_down_projections_train_flat_and_end_as_if_trained_in_place(monkeypatch)
     itself, and nothing of the flat copy is left on the model."""
     from moefx.convert import distill as distill_mod
 
-    dense, inputs, kwargs = ZOO["llama"]()
-    dense.eval()
-    cfg = XMoEConfig(num_experts=6, num_shared=1, threshold=0.9, router="fitted")
-    model = moefx.convert(copy.deepcopy(dense), cfg, inputs, kwargs, calibration_batches=batches(2))
-    moefx.calibrate(model, batches(4), target_ratio=0.5, verbose=False, progress=False)
+    dense, model = calibrated_llama()
     with torch.no_grad():
         examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(6, seed=5)]
     in_place = copy.deepcopy(model)

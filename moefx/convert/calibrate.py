@@ -490,12 +490,13 @@ def calibrate_layer(
     return rep
 
 
-TRAIN_COST = {"experts": 3.0, "blocks": 3.0, "blocks-down": 2.5}
+TRAIN_COST = {"experts": 3.0, "blocks": 3.0, "blocks-down": 2.8}
 """A distillation step (forward and backward of the student) costs about this many teacher
 forwards of the same tokens, by what it trains (SmolLM2, ``blocks``: 4.7 s against 1.5 s for
 512 tokens; 5.5 s against 1.75 s on a slower day; ``blocks-down`` skips two of a GLU layer's
-nine products: 3.7 s against 4.7 s). Fresh teacher batches are recorded while the time left
-trains each example once at this cost (:func:`moefx.convert.distill.worth_recording`)."""
+nine products: 3.76 s against 4.07 s, steady state, alternating in one process). Fresh teacher
+batches are recorded while the time left trains each example once at this cost
+(:func:`moefx.convert.distill.worth_recording`)."""
 
 
 def split_rows(inputs: "Inputs", target, rows: Optional[int]) -> list:
@@ -1100,7 +1101,7 @@ def calibrate(
     the XMoE routers): the dense model's own weights then move as well, in exchange for more
     freedom to absorb the experts' error (SmolLM2 at 75%: 1.30x against 1.33x, one run).
     ``distill_train="blocks-down"`` trains the same but leaves the converted layers' up and gate
-    projections at their dense values: ~20% faster steps, so more of them in a time budget
+    projections at their dense values: ~7% faster steps, so a few more of them in a time budget
     (:func:`moefx.convert.distill.distill`).
     ``distill_router_lr`` (default 0: routers frozen): the peak learning rate at which
     distillation also trains the XMoE routers, end to end through a straight-through gate

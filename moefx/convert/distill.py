@@ -267,13 +267,13 @@ def distill(
     then move too); ``"blocks-down"`` the same but the converted layers' up and gate
     projections (:data:`UP_PROJECTIONS`), which keep the dense FFN's values: their weight
     gradients are two of the nine products of a masked GLU layer's training step. On SmolLM2
-    (256 + 64 experts, 75%, the same 72 steps on the same examples) a step took ~20% less time
-    (3.7 s against 4.7 s, alternating in one process) and the model scored 1.1027x dense
-    perplexity against 1.1042x, its KL divergence from the dense model 0.192 against 0.201
-    (bench/results-quality.md, sixteenth session). XMoE routers train only with ``router_lr`` > 0 (Adam, its own peak rate under
-    the same schedule; straight-through, :func:`_xmoe_train_forward`); the selection they make
-    then moves, and calibration's final rescale (:func:`moefx.convert.calibrate.rescale_in_model`)
-    sets each layer's ratio again.
+    (256 + 64 experts, 75%) a step took ~7% less time (3.76 s against 4.07 s, steady state,
+    alternating in one process) and, the same 72 steps on the same examples, the model scored
+    1.1027x dense perplexity against 1.1042x, its KL divergence from the dense model 0.192
+    against 0.201 (bench/results-quality.md, sixteenth session). XMoE routers train only with
+    ``router_lr`` > 0 (Adam, its own peak rate under the same schedule; straight-through,
+    :func:`_xmoe_train_forward`); the selection they make then moves, and calibration's final
+    rescale (:func:`moefx.convert.calibrate.rescale_in_model`) sets each layer's ratio again.
     Restores every ``requires_grad`` flag and the layers' own forwards on exit."""
     from tqdm.auto import tqdm
 
