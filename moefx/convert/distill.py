@@ -300,8 +300,8 @@ def distill(
     else:
         candidates = block_parameters(model)
     if train == "blocks-down":
-        up = {id(p) for layer in layers.values() for n in UP_PROJECTIONS
-              if isinstance(p := getattr(layer, n, None), torch.Tensor)}
+        up = {id(getattr(layer, n)) for layer in layers.values() for n in UP_PROJECTIONS
+              if isinstance(getattr(layer, n, None), torch.Tensor)}
         candidates = [p for p in candidates if id(p) not in up]
     params = [p for p in candidates if id(p) not in routers and p.dtype.is_floating_point]
     router_params = [p for p in model.parameters() if id(p) in routers] if router_lr > 0 else []
