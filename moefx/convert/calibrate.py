@@ -851,12 +851,10 @@ def _pieces(batch, max_tokens: int) -> List["Inputs"]:
     from .distill import Target
 
     inputs = Inputs.of(batch)
-    t = inputs.tensors()
     rows = inputs.rows()
-    if not t or not rows:
+    if not rows:  # no tensor input, or a 0-d one: nothing to cut along
         return [inputs]
-    shape = t[0].shape[1:-1] if t[0].is_floating_point() else t[0].shape[1:]
-    per_row = max(1, int(math.prod(shape)))
+    per_row = max(1, batch_tokens(inputs) // rows)
     return [i for i, _ in split_rows(inputs, Target(), max(1, max_tokens // per_row))]
 
 
