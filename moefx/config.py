@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "relu2", "identity")
-XMOE_SPLITS = ("contiguous", "random", "kmeans", "coactivation")
+XMOE_SPLITS = ("contiguous", "random", "kmeans", "coactivation", "kmeans-coactivation")
+COACTIVATION_SPLITS = ("coactivation", "kmeans-coactivation")
+"""The splits that count which neurons fire together on calibration data."""
 XMOE_ROUTERS = ("centroid", "fitted", "random")
 COMBINES = ("unit", "prob")
 GATES = ("input", "output")

@@ -8,7 +8,7 @@ import torch.fx as fx
 
 import moefx
 from moefx.capture import prepare_kwargs
-from moefx.config import ConfigError, XMoEConfig
+from moefx.config import XMOE_SPLITS, ConfigError, XMoEConfig
 from moefx.convert.rewrite import ConversionError
 
 import zoo
@@ -51,7 +51,7 @@ def test_every_expert_kept_equals_dense(name):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("split", ["contiguous", "random", "kmeans", "coactivation"])
+@pytest.mark.parametrize("split", XMOE_SPLITS)
 def test_every_split_and_shared_is_exact(split):
     model, inputs, kwargs = ZOO["llama"]()
     dense = copy.deepcopy(model)

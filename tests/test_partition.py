@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moefx.config import ConfigError
+from moefx.config import XMOE_SPLITS, ConfigError
 from moefx.convert.dense import DenseFFN
-from moefx.convert.partition import group_width, neuron_stats, partition
+from moefx.convert.partition import NeuronStats, coactivation_profiles, group_width, neuron_stats, partition
 
 
 def make_dense(d=12, d_ff=48, glu=False, clusters=6):
@@ -20,7 +20,7 @@ def make_dense(d=12, d_ff=48, glu=False, clusters=6):
                     b1=torch.randn(d_ff, generator=g) * 0.1, w3=w3), fam
 
 
-@pytest.mark.parametrize("split", ["contiguous", "random", "kmeans", "coactivation"])
+@pytest.mark.parametrize("split", XMOE_SPLITS)
 @pytest.mark.parametrize("shared", [0, 2])
 def test_partition_is_a_balanced_cover(split, shared):
     dense, _ = make_dense()
@@ -59,11 +59,12 @@ def test_kmeans_groups_direction_families_better_than_random():
     assert _within_family(km, fam) > _within_family(rnd, fam) + 10
 
 
-def test_coactivation_groups_neurons_that_fire_together():
+@pytest.mark.parametrize("split", ["coactivation", "kmeans-coactivation"])
+def test_coactivation_groups_neurons_that_fire_together(split):
     dense, fam = make_dense()
     x = torch.randn(1024, 12)
     stats = neuron_stats(dense, [x])
-    co = partition(dense, 6, "coactivation", stats=stats)
+    co = partition(dense, 6, split, stats=stats)
     rnd = partition(dense, 6, "random", stats=stats)
 
     def mean_coact(groups):
@@ -76,10 +77,29 @@ def test_coactivation_groups_neurons_that_fire_together():
     assert mean_coact(co) > 1.2 * mean_coact(rnd)
 
 
-def test_coactivation_without_data_is_a_clear_error():
+@pytest.mark.parametrize("split", ["coactivation", "kmeans-coactivation"])
+def test_coactivation_without_data_is_a_clear_error(split):
     dense, _ = make_dense()
-    with pytest.raises(ConfigError, match="coactivation.*needs calibration data.*at module 'blk'"):
-        partition(dense, 4, "coactivation", path="blk")
+    with pytest.raises(ConfigError, match=f"split='{split}' needs calibration data.*at module 'blk'"):
+        partition(dense, 4, split, path="blk")
+
+
+def test_coactivation_profiles_compare_whom_neurons_fire_with():
+    """Neurons 0 and 1 fire on the same tokens, 2 on other tokens, 3 never: 0 and 1 get the same
+    profile, 2 one orthogonal to theirs, 3 a zero row; every other row has unit length."""
+    fires = torch.zeros(8, 4)
+    fires[:3, 0] = fires[:3, 1] = 1.0
+    fires[4:7, 2] = 1.0
+    co = fires.t() @ fires / 8
+    stats = NeuronStats(8, fires.mean(0), co, fires.mean(0))
+    prof = coactivation_profiles(stats, torch.arange(4))
+    torch.testing.assert_close(prof[0], prof[1])
+    assert float(prof[0] @ prof[2]) == 0.0
+    assert float(prof[3].abs().sum()) == 0.0
+    torch.testing.assert_close(prof[:3].norm(dim=1), torch.ones(3))
+    # the scaling: P(i and j) / sqrt(P(i) P(j)), here 1 for two neurons that always fire together
+    raw = co[0] / torch.sqrt(stats.frequency[0] * stats.frequency.clamp_min(1 / 8))
+    torch.testing.assert_close(prof[0], raw / raw.norm())
 
 
 def test_more_experts_than_neurons_is_a_clear_error():

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..config import SliceMoEConfig, XMoEConfig
+from ..config import COACTIVATION_SPLITS, SliceMoEConfig, XMoEConfig
 from .calibrate import CalibrationReport, Inputs, calibrate
 from .rewrite import (ConversionError, drop_unused_weights, graph_replace, occurrences, plan, select,
                       set_submodule, unique_name)
@@ -25,7 +25,7 @@ Config = Union[XMoEConfig, SliceMoEConfig]
 
 
 def _needs_stats(cfg: Config) -> bool:
-    return isinstance(cfg, XMoEConfig) and (cfg.num_shared > 0 or cfg.split == "coactivation")
+    return isinstance(cfg, XMoEConfig) and (cfg.num_shared > 0 or cfg.split in COACTIVATION_SPLITS)
 
 
 def _where(m) -> str:
@@ -67,7 +67,7 @@ def _collect_stats(model, gm, placements, chosen, batches, progress: bool) -> di
     accs = {}
     for p, cfg in need:
         dense = DenseFFN.from_dict(p.match.dense_weights(model), p.match.activation)
-        accs[id(p.match)] = StatsAccumulator(dense, coactivation=cfg.split == "coactivation")
+        accs[id(p.match)] = StatsAccumulator(dense, coactivation=cfg.split in COACTIVATION_SPLITS)
     batches = list(batches)
     if all(p.how != "graph" for p, _ in need):
         hooks = []
@@ -126,7 +126,7 @@ def convert(
     same ``model`` object with submodules swapped whenever every chosen block sits in whole
     submodules, the MoE layer itself when the model *is* one FFN, and a GraphModule otherwise.
     ``calibration_batches`` (inputs as the model takes them) feed the activation statistics
-    that ``split="coactivation"`` and shared neurons (``num_shared``) need; without them the
+    that ``split="coactivation"`` or ``"kmeans-coactivation"`` and shared neurons (``num_shared``) need; without them the
     example inputs are used. ``source`` (a ``moefx.models.LoadedModel.source``) is recorded for
     :func:`moefx.load`. Conversion is exact before calibration for XMoE with
     ``combine="unit"`` (every expert kept reproduces the dense FFN).

@@ -48,7 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="XMoE: fixed top-k instead of a threshold; SliceMoE: k (default 2)")
     p.add_argument("--shared", type=int, default=0, help="XMoE always-on shared experts (default 0)")
     p.add_argument("--slices", type=int, default=8, help="SliceMoE slices per token (default 8)")
-    p.add_argument("--split", choices=XMOE_SPLITS, default="kmeans", help="XMoE neuron partition (default kmeans)")
+    p.add_argument("--split", choices=XMOE_SPLITS, default="kmeans",
+                   help="XMoE neuron partition (default kmeans: balanced k-means on the neurons' gate rows; "
+                        "kmeans-coactivation: on whom each neuron fires with on the calibration tokens)")
     p.add_argument("--router", choices=XMOE_ROUTERS, default=None,
                    help="XMoE router: centroid (no data) or fitted (default: fitted when calibrating)")
     p.add_argument("--router-target", choices=ROUTER_TARGETS, default="fisher",
