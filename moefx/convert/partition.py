@@ -23,8 +23,10 @@ Splits of the routed neurons:
   expert, so a token's experts are either wholly useful or not, and the number of experts a
   token needs moves less from one text to another. On SmolLM2 (256 + 64 experts, 75%, the
   layer-wise fit alone) it kept 0.751 of the groups on held-out text where ``kmeans`` kept 0.736
-  at the same calibration ratio, and ended 11% closer to the dense model (bench/results-quality.md,
-  seventeenth session).
+  at the same calibration ratio, and ended 11% closer to the dense model (KL) and 0.85% better
+  in perplexity. After end-to-end distillation the gain was gone: 1.110x and 1.127x dense
+  perplexity in two 10-minute runs, against 1.095-1.116x for ``kmeans`` (bench/results-quality.md,
+  seventeenth session). A choice for conversions without distillation.
 
 Shared neurons (CMoE's observation): a few neurons are active for nearly every token; routing
 them wastes router capacity, so the ``num_shared * h`` most frequently active neurons form the
