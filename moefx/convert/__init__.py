@@ -126,8 +126,8 @@ def convert(
     same ``model`` object with submodules swapped whenever every chosen block sits in whole
     submodules, the MoE layer itself when the model *is* one FFN, and a GraphModule otherwise.
     ``calibration_batches`` (inputs as the model takes them) feed the activation statistics
-    that ``split="coactivation"`` or ``"kmeans-coactivation"`` and shared neurons (``num_shared``) need; without them the
-    example inputs are used. ``source`` (a ``moefx.models.LoadedModel.source``) is recorded for
+    that the co-activation splits (``split="coactivation"``, ``"kmeans-coactivation"``) and
+    shared neurons (``num_shared``) need; without them the example inputs are used. ``source`` (a ``moefx.models.LoadedModel.source``) is recorded for
     :func:`moefx.load`. Conversion is exact before calibration for XMoE with
     ``combine="unit"`` (every expert kept reproduces the dense FFN).
     """
