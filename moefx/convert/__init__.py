@@ -127,9 +127,10 @@ def convert(
     submodules, the MoE layer itself when the model *is* one FFN, and a GraphModule otherwise.
     ``calibration_batches`` (inputs as the model takes them) feed the activation statistics
     that the co-activation splits (``split="coactivation"``, ``"kmeans-coactivation"``) and
-    shared neurons (``num_shared``) need; without them the example inputs are used. ``source`` (a ``moefx.models.LoadedModel.source``) is recorded for
-    :func:`moefx.load`. Conversion is exact before calibration for XMoE with
-    ``combine="unit"`` (every expert kept reproduces the dense FFN).
+    shared neurons (``num_shared``) need; without them the example inputs are used.
+    ``source`` (a ``moefx.models.LoadedModel.source``) is recorded for :func:`moefx.load`.
+    Conversion is exact before calibration for XMoE with ``combine="unit"`` (every expert kept
+    reproduces the dense FFN).
     """
     from ..passes.find_ffn import find_ffns
 

@@ -22,12 +22,13 @@ Splits of the routed neurons:
   counts, clustered at ``kmeans``' cost (counting them added 12-15 s to SmolLM2's conversion, where
   ``coactivation``'s networkx partition had not finished in 7 minutes). Neurons that fire for
   the same tokens share an expert, so an expert's neurons tend to matter for the same tokens,
-  and the number of experts a token needs moves less from one text to another. On SmolLM2 (256 + 64 experts, 75%, the
-  layer-wise fit alone) it kept 0.751 of the groups on held-out text where ``kmeans`` kept 0.736
-  at the same calibration ratio, and ended 11% closer to the dense model (KL) and 0.85% better
-  in perplexity. After end-to-end distillation the gain was gone: 1.110x and 1.127x dense
-  perplexity in two 10-minute runs, against 1.095-1.116x for ``kmeans`` (bench/results-quality.md,
-  seventeenth session). A choice for conversions without distillation.
+  and the number of experts a token needs moves less from one text to another. On SmolLM2
+  (256 + 64 experts, 75%, the layer-wise fit alone) it kept 0.751 of the groups on held-out text
+  where ``kmeans`` kept 0.736 at the same calibration ratio, and ended 11% closer to the dense
+  model (KL) and 0.85% better in perplexity. After end-to-end distillation the gain was gone:
+  1.110x and 1.127x dense perplexity in two 10-minute runs, against 1.095-1.116x for ``kmeans``
+  (bench/results-quality.md, seventeenth session). A choice for conversions without
+  distillation.
 
 Shared neurons (CMoE's observation): a few neurons are active for nearly every token; routing
 them wastes router capacity, so the ``num_shared * h`` most frequently active neurons form the
@@ -43,7 +44,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import COACTIVATION_SPLITS, XMOE_SPLITS, ConfigError
+from ..config import XMOE_SPLITS, ConfigError
 from .dense import DenseFFN
 
 ACTIVE_FRACTION = 0.25
@@ -162,22 +163,15 @@ def partition(
         groups = _chunks(routed, sizes)
     elif split == "random":
         groups = _chunks(routed[torch.randperm(routed.numel(), generator=gen)], sizes)
-    elif split == "kmeans":
-        feats = F.normalize(dense.w1.float()[routed], dim=1)
+    elif split == "coactivation":
+        groups = coactivation_groups(_with_coactivation(stats, split, path).coactivation, routed, sizes, seed=seed)
+    elif split in ("kmeans", "kmeans-coactivation"):
+        if split == "kmeans":
+            feats = F.normalize(dense.w1.float()[routed], dim=1)
+        else:
+            feats = coactivation_profiles(_with_coactivation(stats, split, path), routed)
         labels = balanced_kmeans(feats, sizes, generator=gen)
         groups = [routed[labels == g] for g in range(num_experts)]
-    elif split in COACTIVATION_SPLITS:
-        if stats is None or stats.coactivation is None:
-            raise ConfigError(
-                f"split={split!r} needs calibration data to count co-activations"
-                f"{' at module ' + repr(path) if path else ''}: pass calibration batches to "
-                "convert(..., calibration_batches=...) or choose split='kmeans'"
-            )
-        if split == "coactivation":
-            groups = coactivation_groups(stats.coactivation, routed, sizes, seed=seed)
-        else:
-            labels = balanced_kmeans(coactivation_profiles(stats, routed), sizes, generator=gen)
-            groups = [routed[labels == g] for g in range(num_experts)]
     else:
         raise ConfigError(f"split must be one of {', '.join(XMOE_SPLITS)}; got {split!r}")
     out = torch.full((total, h), -1, dtype=torch.long)
@@ -188,6 +182,18 @@ def partition(
         out[num_shared + g, : members.numel()] = members
     check_partition(out, d_ff, num_shared)
     return out
+
+
+def _with_coactivation(stats: Optional[NeuronStats], split: str, path: Optional[str]) -> NeuronStats:
+    """``stats`` if they hold the co-activation counts a co-activation split needs; a clear
+    error otherwise."""
+    if stats is None or stats.coactivation is None:
+        raise ConfigError(
+            f"split={split!r} needs calibration data to count co-activations"
+            f"{' at module ' + repr(path) if path else ''}: pass calibration batches to "
+            "convert(..., calibration_batches=...) or choose split='kmeans'"
+        )
+    return stats
 
 
 def coactivation_profiles(stats: NeuronStats, neurons: torch.Tensor) -> torch.Tensor:
