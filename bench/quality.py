@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main(argv=None) -> int:
-    from moefx.convert.distill import DISTILL_SCHEDULES, DISTILL_TRAIN
+    from moefx.convert.distill import DISTILL_PRECISIONS, DISTILL_SCHEDULES, DISTILL_TRAIN
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.75, 0.5, 0.25])
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
                          "or that but the converted layers' up and gate projections (blocks-down)")
     ap.add_argument("--distill-seconds", type=float, default=None)
     ap.add_argument("--distill-schedule", default="constant", choices=list(DISTILL_SCHEDULES))
+    ap.add_argument("--distill-precision", default="float32", choices=list(DISTILL_PRECISIONS),
+                    help="bfloat16 autocast in distillation (auto: where the CPU has AMX or the GPU bfloat16)")
     ap.add_argument("--distill-labels", type=float, default=0.0,
                     help="weight of the calibration text's own next tokens in the distillation target (0: teacher only)")
     ap.add_argument("--distill-router-lr", type=float, default=0.0,
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
                               batch=1024 if kind == "xmoe" else args.slicemoe_batch, budgets=args.budgets, budget_spread=args.budget_spread,
                               distill_steps=args.distill_steps, distill_batches=dist, distill_lr=args.distill_lr, distill_train=args.distill_train,
                               distill_schedule=args.distill_schedule, distill_labels=args.distill_labels,
-                              distill_router_lr=args.distill_router_lr, distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds,
+                              distill_router_lr=args.distill_router_lr, distill_precision=args.distill_precision,
+                              distill_seconds=args.distill_seconds, budget_seconds=args.budget_seconds,
                               router_target=args.router_target)
         t2 = time.perf_counter()
         if rep.budgets and len(set(rep.budgets.values())) > 1:
@@ -159,6 +162,8 @@ def main(argv=None) -> int:
                 label += f", text labels {args.distill_labels:g}"
             if args.distill_router_lr:
                 label += f", routers trained (lr {args.distill_router_lr:g})"
+            if args.distill_precision != "float32":
+                label += f", {args.distill_precision} autocast"
         rows.append((label, ratio, act, act_eval, ppl, ppl / dense_ppl, rep.mean("rel_err_after"), t1 - t0, t2 - t1))
         print(f"{label} target={ratio} act={act:.3f} (evaluation text, in the model: {act_eval:.3f}) ppl={ppl:.3f} ({ppl / dense_ppl:.2f}x) "
               f"relerr={rep.mean('rel_err_after'):.3f} convert {t1 - t0:.0f}s calibrate {t2 - t1:.0f}s", flush=True)

@@ -85,13 +85,13 @@ def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, mon
     seen = []
     real = conv.calibrate
     monkeypatch.setattr(conv, "calibrate", lambda *a, **kw: seen.append((kw.get("distill_train"), kw.get("distill_labels"),
-                                                                     kw.get("distill_router_lr")))
+                                                                     kw.get("distill_router_lr"), kw.get("distill_precision")))
                         or real(*a, **kw))
     out = tmp_path / "out"
     assert main(["convert", tiny_config, "--to", "xmoe", "--experts", "4", "--calibrate-tokens", "64",
                  "--distill-steps", "2", "--distill-train", "blocks-down", "--distill-labels", "0.2", "--distill-router-lr", "1e-3",
-                 "--out", str(out)]) == 0
-    assert seen == [("blocks-down", 0.2, 1e-3)] and "distillation: 2 steps on" in capsys.readouterr().out
+                 "--distill-precision", "bfloat16", "--out", str(out)]) == 0
+    assert seen == [("blocks-down", 0.2, 1e-3, "bfloat16")] and "distillation: 2 steps on" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-labels", "1.5", "--out", str(tmp_path / "o3")])
     assert "'1.5' is not a weight in [0, 1)" in capsys.readouterr().err
@@ -103,6 +103,9 @@ def test_convert_passes_distill_train_through(tiny_config, tmp_path, capsys, mon
     with pytest.raises(SystemExit):
         main(["convert", tiny_config, "--to", "xmoe", "--distill-train", "embeddings", "--out", str(tmp_path / "o2")])
     assert "invalid choice: 'embeddings'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", tiny_config, "--to", "xmoe", "--distill-precision", "fp16", "--out", str(tmp_path / "o5")])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 def test_converting_a_saved_moefx_directory_points_to_its_dense_source(tiny_config, tmp_path, capsys):

@@ -371,9 +371,10 @@ def test_calibration_batches_are_distillation_examples_and_their_repeats_are_not
 
 def test_the_recording_rule_prices_a_step_by_what_distillation_trains(monkeypatch):
     """Under a time budget, fresh teacher batches are recorded while training each example once
-    still fits; a ``blocks-down`` step is cheaper than a ``blocks`` one, and the rule is told so."""
+    still fits; a ``blocks-down`` step is cheaper than a ``blocks`` one, and a bfloat16 step
+    cheaper than a float32 one, and the rule is told so."""
     from moefx.convert import distill as D
-    from moefx.convert.calibrate import TRAIN_COST
+    from moefx.convert.calibrate import BFLOAT16_STEP, TRAIN_COST
 
     assert TRAIN_COST["blocks-down"] < TRAIN_COST["blocks"]
     dense, inputs, kwargs = ZOO["llama"]()
@@ -385,12 +386,14 @@ def test_the_recording_rule_prices_a_step_by_what_distillation_trains(monkeypatc
         return real_record(model, bs, *a, **k)
 
     monkeypatch.setattr(D, "record_teachers", record)
-    for mode in ("blocks", "blocks-down"):
+    for mode, precision in (("blocks", "float32"), ("blocks-down", "float32"), ("blocks", "bfloat16")):
         model = moefx.convert(copy.deepcopy(dense), XMoEConfig(num_experts=4, threshold=0.9), inputs, kwargs,
                               calibration_batches=batches(2))
         moefx.calibrate(model, batches(2), target_ratio=0.6, verbose=False, progress=False, distill_steps=4,
-                        distill_batches=batches(4, seed=5), distill_train=mode, budget_seconds=600)
-    assert seen == [TRAIN_COST["blocks"], TRAIN_COST["blocks-down"]]
+                        distill_batches=batches(4, seed=5), distill_train=mode, budget_seconds=600,
+                        distill_precision=precision)
+    assert 0 < BFLOAT16_STEP < 1
+    assert seen == [TRAIN_COST["blocks"], TRAIN_COST["blocks-down"], TRAIN_COST["blocks"] * BFLOAT16_STEP]
 
 
 def test_split_rows_cuts_inputs_and_targets_alike_or_leaves_them_whole():
@@ -731,3 +734,67 @@ def test_final_rescale_runs_on_held_out_distillation_text_where_there_is_enough(
     rep = moefx.calibrate(small, cal, target_ratio=0.5, verbose=False, progress=False, distill_steps=10,
                           distill_batches=dist[:18], distill_lr=1e-3)  # 7 spare batches: 224 tokens
     assert rep.rescale_text == "calibration" and len(seen[-1]) == 1 and seen[-1][0] is cal[0]
+
+
+def test_bfloat16_distillation_runs_under_autocast_with_float32_weights_selection_and_loss(monkeypatch):
+    """precision="bfloat16": the blocks' products run in bfloat16 (autocast on during the
+    forward), the routers choose in float32, the weights stay float32, and the model learns about
+    as much as in float32; unknown precisions are refused before any work."""
+    from moefx.convert import distill as D
+
+
+    dense, base = calibrated_llama(rescale=False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in moe_layers(base).values():  # something to learn back
+            layer.w2.add_(torch.randn(layer.w2.shape, generator=g) * layer.w2.std())
+        examples = [(Inputs.of(b), teacher_target(dense(b), 64)) for b in batches(24, seed=5)]
+    held_out = batches(4, seed=7)
+    seen = {"autocast": [], "probs": []}
+    attn = next(m for n, m in base.named_modules() if n.endswith("self_attn.q_proj"))
+    attn.register_forward_pre_hook(lambda m, a: seen["autocast"].append(torch.is_autocast_enabled("cpu")))
+    probs_of = D.router_probs
+
+    def spy(layer, x2d):
+        p = probs_of(layer, x2d)
+        seen["probs"].append(p.dtype)
+        return p
+
+    monkeypatch.setattr(D, "router_probs", spy)
+    kl = {}
+    for precision in ("float32", "bfloat16"):
+        m = copy.deepcopy(base)
+        seen["autocast"].clear()
+        seen["probs"].clear()
+        rep = distill(m, examples, steps=30, lr=3e-3, router_lr=1e-3, progress=False,
+                      precision=precision)
+        assert rep.steps == 30
+        # the held-out loss is measured outside autocast, the steps inside it (bfloat16 only)
+        assert (True in seen["autocast"]) == (precision == "bfloat16") and False in seen["autocast"]
+        assert set(seen["probs"]) == {torch.float32}
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+        kl[precision] = mean_kl(m, dense, held_out)
+    before = mean_kl(base, dense, held_out)
+    assert kl["bfloat16"] < 0.7 * before, (kl, before)
+    assert abs(kl["bfloat16"] - kl["float32"]) < 0.25 * kl["float32"], kl
+    with pytest.raises(ValueError, match=r"precision='fp16'.*bfloat16"):
+        distill(base, examples, steps=1, precision="fp16")
+    with pytest.raises(ValueError, match=r"distill_precision='half'"):  # before any calibration work
+        moefx.calibrate(base, batches(2), target_ratio=0.6, progress=False, distill_steps=1, distill_precision="half")
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_has_fast_bfloat16(monkeypatch):
+    from moefx.convert import distill as D
+
+
+    cpu = torch.device("cpu")
+    assert D.autocast_dtype("float32", cpu) is None and D.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    for fast in (True, False):
+        monkeypatch.setattr(D, "fast_bfloat16", lambda device, fast=fast: fast)
+        assert D.autocast_dtype("auto", cpu) is (torch.bfloat16 if fast else None)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not D.fast_bfloat16(cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert D.fast_bfloat16(cpu)
+    assert not D.fast_bfloat16(torch.device("meta"))

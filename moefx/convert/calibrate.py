@@ -497,6 +497,10 @@ forwards of the same tokens, by what it trains (SmolLM2, ``blocks``: 4.7 s again
 nine products: 3.76 s against 4.07 s, steady state, alternating in one process). Fresh teacher
 batches are recorded while the time left trains each example once at this cost
 (:func:`moefx.convert.distill.worth_recording`)."""
+BFLOAT16_STEP = 0.67
+"""A distillation step under bfloat16 autocast costs about this fraction of a float32 one (the
+teacher forward stays float32): on a 2-core Sapphire Rapids CPU (AMX), SmolLM2 ``blocks``
+1.25 s against 1.88 s, 0.61 s a teacher forward (bench/results-quality.md, eighteenth session)."""
 
 
 def split_rows(inputs: "Inputs", target, rows: Optional[int]) -> list:
@@ -1032,6 +1036,7 @@ def calibrate(
     distill_schedule: str = "constant",
     distill_labels: float = 0.0,
     distill_router_lr: float = 0.0,
+    distill_precision: str = "float32",
     rescale: bool = True,
     router_target: str = "fisher",
 ) -> CalibrationReport:
@@ -1130,7 +1135,7 @@ def calibrate(
     A float16/bfloat16 model is calibrated in float32 (:class:`float32_weights`) and every
     parameter and buffer goes back to its own dtype at the end.
     """
-    from .distill import distill, record_teachers, teacher_target
+    from .distill import autocast_dtype, distill, record_teachers, teacher_target
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -1157,13 +1162,16 @@ def calibrate(
                          f"positive learning rate")
     if distill_steps < 0:
         raise ValueError(f"calibrate(distill_steps={distill_steps}): use 0 (no distillation) or more")
-    from .distill import DISTILL_SCHEDULES, DISTILL_TRAIN
+    from .distill import DISTILL_PRECISIONS, DISTILL_SCHEDULES, DISTILL_TRAIN
 
     # checked before anything runs: distillation starts after minutes of layer-wise fitting
     if distill_train not in DISTILL_TRAIN:
         raise ValueError(f"calibrate(distill_train={distill_train!r}): use one of {', '.join(DISTILL_TRAIN)}")
     if distill_schedule not in DISTILL_SCHEDULES:
         raise ValueError(f"calibrate(distill_schedule={distill_schedule!r}): use one of {', '.join(DISTILL_SCHEDULES)}")
+    if distill_precision not in DISTILL_PRECISIONS:
+        raise ValueError(f"calibrate(distill_precision={distill_precision!r}): use one of "
+                         f"{', '.join(DISTILL_PRECISIONS)}")
     batches = list(batches)
     rows = None  # calibration batches become distillation examples of the distillation batches' size
     if distill_batches is not None:
@@ -1317,6 +1325,9 @@ def calibrate(
                 # timed in the dense pass, which also recorded): more are recorded only if there is
                 # time beyond that, and then while the recording's own timing says they fit
                 train_cost = TRAIN_COST[distill_train]
+                device = next((p.device for p in model.parameters()), torch.device("cpu"))
+                if autocast_dtype(distill_precision, device) is not None:
+                    train_cost *= BFLOAT16_STEP
                 room = seconds is None or train_cost * t_dense * held / max(1, report.tokens) < seconds
                 more = max(0, distill_steps + 2 - len(examples))
                 known = {batch_key(i) for i, _ in examples}
@@ -1339,7 +1350,7 @@ def calibrate(
             report.distill = distill(model, examples, steps=distill_steps, lr=distill_lr,
                                      seconds=seconds, progress=progress, train=distill_train,
                                      schedule=distill_schedule, labels=distill_labels,
-                                     router_lr=distill_router_lr)
+                                     router_lr=distill_router_lr, precision=distill_precision)
         if rescale and target_ratio is not None:
             kept = rescale_in_model(model, layers, ratios, rescale_batches)
             report.rescale_text = "held-out" if rescale_batches is not batches else "calibration"

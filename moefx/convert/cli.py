@@ -17,7 +17,7 @@ import sys
 
 from ..config import XMOE_ROUTERS, XMOE_SPLITS
 from .calibrate import BUDGET_MODES, ROUTER_TARGETS
-from .distill import DISTILL_SCHEDULES, DISTILL_TRAIN
+from .distill import DISTILL_PRECISIONS, DISTILL_SCHEDULES, DISTILL_TRAIN
 
 EPILOG = """\
 Examples:
@@ -93,6 +93,10 @@ def register(subparsers) -> None:
     p.add_argument("--distill-router-lr", type=_rate, default=0.0, metavar="LR",
                    help="XMoE: distillation also trains the routers, at this peak learning rate (default 0: "
                         "routers keep their layer-wise fit; 1e-3 is the setting of bench/RESULTS.md)")
+    p.add_argument("--distill-precision", choices=list(DISTILL_PRECISIONS), default="float32",
+                   help="distillation's matrix products: float32 (default); bfloat16 (autocast: weights, "
+                        "optimizer state, routing and loss stay float32); auto: bfloat16 where the CPU has AMX "
+                        "tiles or the GPU bfloat16, else float32")
     p.set_defaults(func=run)
 
 
@@ -280,7 +284,7 @@ def run(args) -> int:
         if args.distill_steps:
             kw.update(distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_train=args.distill_train,
                       distill_schedule=args.distill_schedule, distill_labels=args.distill_labels,
-                      distill_router_lr=args.distill_router_lr,
+                      distill_router_lr=args.distill_router_lr, distill_precision=args.distill_precision,
                       distill_batches=calibration_batches_for(loaded, args.distill_tokens or 512 * args.distill_steps,
                                                               seed=1, batch_size=2))
         report = calibrate(model, batches, target_ratio=args.target_ratio, verbose=True, **kw)
