@@ -5,7 +5,7 @@ Layer-wise calibration fits each MoE layer to its own dense FFN on the dense mod
 activations; each layer is left with an error (about 17% relative on SmolLM2 at 75%
 activation) that compounds over 30 layers. Distillation trains all converted layers together
 on what matters end to end, the model's output distribution, so later layers learn to absorb
-earlier layers' errors. It is short (tens of steps) and cheap per step:
+earlier layers' errors. It is short (tens to a few hundred steps) and cheap per step:
 
 * Only the expert weights of the converted layers train (XMoE: routed and shared experts and
   the output bias; SliceMoE: the whole layer). Everything else is frozen, and an XMoE
