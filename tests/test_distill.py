@@ -742,7 +742,6 @@ def test_bfloat16_distillation_runs_under_autocast_with_float32_weights_selectio
     as much as in float32; unknown precisions are refused before any work."""
     from moefx.convert import distill as D
 
-
     dense, base = calibrated_llama(rescale=False)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -785,7 +784,6 @@ def test_bfloat16_distillation_runs_under_autocast_with_float32_weights_selectio
 
 def test_auto_precision_is_bfloat16_only_where_the_device_has_fast_bfloat16(monkeypatch):
     from moefx.convert import distill as D
-
 
     cpu = torch.device("cpu")
     assert D.autocast_dtype("float32", cpu) is None and D.autocast_dtype("bfloat16", cpu) is torch.bfloat16

@@ -1142,7 +1142,7 @@ def calibrate(
     A float16/bfloat16 model is calibrated in float32 (:class:`float32_weights`) and every
     parameter and buffer goes back to its own dtype at the end.
     """
-    from .distill import autocast_dtype, distill, record_teachers, teacher_target
+    from .distill import autocast_dtype, distill, model_device, record_teachers, teacher_target
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -1332,8 +1332,7 @@ def calibrate(
                 # timed in the dense pass, which also recorded): more are recorded only if there is
                 # time beyond that, and then while the recording's own timing says they fit
                 train_cost = TRAIN_COST[distill_train]
-                device = next((p.device for p in model.parameters()), torch.device("cpu"))
-                if autocast_dtype(distill_precision, device) is not None:
+                if autocast_dtype(distill_precision, model_device(model)) is not None:
                     train_cost *= BFLOAT16_STEP
                 room = seconds is None or train_cost * t_dense * held / max(1, report.tokens) < seconds
                 more = max(0, distill_steps + 2 - len(examples))

@@ -117,6 +117,11 @@ def fast_bfloat16(device: torch.device) -> bool:
     return False
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype :func:`distill` trains under for ``precision`` on ``device`` (None:
     float32, no autocast)."""
@@ -235,7 +240,7 @@ def _xmoe_train_forward(layer, routers: bool = False, w2_flat: Optional[torch.Te
         # the selection is made in float32 under a bfloat16 autocast too: the experts a token
         # trains with are those it gets at inference
         with torch.set_grad_enabled(routers and torch.is_grad_enabled()), torch.autocast(x.device.type, enabled=False):
-            probs = router_probs(layer, x2d.float())
+            probs = router_probs(layer, x2d)
         mask = select_mask(probs.detach(), cfg.threshold, cfg.top_k, cfg.max_experts)
         gate = mask.to(probs.dtype) + (probs - probs.detach()) if routers else mask  # exactly the mask in value
         return masked_forward(layer, x2d, gate, w2_flat).reshape(x.shape)
@@ -329,7 +334,7 @@ def distill(
         raise ValueError(f"distill(router_lr={router_lr}): use 0 (routers frozen) or a positive learning rate")
     if schedule not in DISTILL_SCHEDULES:
         raise ValueError(f"distill(schedule={schedule!r}): use one of {', '.join(DISTILL_SCHEDULES)}")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     cast = autocast_dtype(precision, device)
     flags = {p: p.requires_grad for p in model.parameters()}
     routers = {id(p) for layer in layers.values() if is_xmoe(layer) for p in layer.router.parameters()}
