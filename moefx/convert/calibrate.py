@@ -1117,7 +1117,7 @@ def calibrate(
     everything before distillation run in float32) or ``"auto"`` (bfloat16 where the device has
     bfloat16 matrix units: :func:`moefx.convert.distill.fast_bfloat16`). On a 2-core CPU with AMX a
     step took 1.25 s instead of 1.88 s, and the same 200 steps scored 1.0934x dense perplexity
-    against 1.0985x; within the 10 minutes, on a longer distillation text, 1.078-1.087x in three
+    against 1.0985x; within the 10 minutes, on a longer distillation text, 1.078-1.097x in four
     runs, against 1.097x in float32 (bench/results-quality.md, eighteenth session).
     ``router_target``: what a fitted XMoE router learns to rank experts by. ``"fisher"``
     (default): each expert's output norm in the metric of what it changes in the model's
